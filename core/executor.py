@@ -1,0 +1,56 @@
+"""The executor seam: the engine core hands a SchedulerOutput to the workers and gets rank 0's
+ModelRunnerOutput back. ``UniProcExecutor`` runs the single worker inside the engine-core process
+(the CPU path and the tests); the multi-process executor drops in behind the same interface."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from ipc.config import EngineConfig
+from ipc.messages import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit in the memory budget (the minimum over ranks)."""
+        ...
+
+    def initialize_cache(self, num_blocks: int) -> None: ...
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def shutdown(self) -> None: ...
+
+
+class UniProcExecutor:
+    """One worker, in this process."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from workers.worker import Worker  # the executor is the one place core starts a worker
+
+        self.worker = Worker(config, rank=0)
+        self.worker.load_model()
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    if config.parallel.world_size > 1 or config.parallel.distributed_executor_backend == "mp":
+        raise ValueError(
+            "tensor_parallel_size > 1 needs the multi-process executor, which is not built yet; "
+            "use tensor_parallel_size=1"
+        )
+    return UniProcExecutor(config)

@@ -1,0 +1,1 @@
+"""KV-cache bookkeeping of the engine core: block pool, prefix hashing, per-request block lists."""

@@ -1,0 +1,143 @@
+"""The offline API: ``LLM(model=..., **engine_args).generate(prompts, sampling_params)``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from core.engine_args import DEFAULT_MODEL, EngineArgs
+from core.engine_core import EngineCore
+from frontend.output_processor import OutputProcessor
+from frontend.outputs import RequestOutput
+from frontend.processor import InputProcessor, PromptType
+from frontend.tokenizer import Tokenizer, load_tokenizer
+from ipc.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+
+
+class LLM:
+    """Offline batch inference. Keyword arguments are the engine flags with vLLM's names
+    (``max_model_len``, ``dtype``, ``load_format``, ``tensor_parallel_size``, ...)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_kwargs: Any) -> None:
+        args = EngineArgs.from_kwargs(model=model, **engine_kwargs)
+        self.config = args.create_engine_config()
+        mc = self.config.model
+        self.tokenizer: Tokenizer | None = None
+        if not mc.skip_tokenizer_init:
+            self.tokenizer = load_tokenizer(Path(mc.path), mc.format, mc.tokenizer, mc.chat_template)
+        self.engine = EngineCore(self.config)
+        self.processor = InputProcessor(mc, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs come back in prompt order. Every prompt is validated before any is queued, so
+        one bad prompt fails the call without leaving the others running."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        prepared = []
+        for prompt, params in zip(prompt_list, params_list):
+            text, token_ids = self.processor.tokenize_prompt(prompt)
+            self.processor.validate(token_ids, params)
+            prepared.append((text, token_ids, params.clone(output_kind=RequestOutputKind.FINAL_ONLY)))
+        return self._run(prepared, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Chat with the model's chat template (rendered exactly as HF transformers renders it)."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init=False)")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {
+                "prompt_token_ids": self.tokenizer.apply_chat_template(
+                    conversation, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+                )
+            }
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(
+        self, prepared: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        order: dict[str, int] = {}
+        for position, (text, token_ids, params) in enumerate(prepared):
+            request_id = str(next(self._ids))
+            order[request_id] = position
+            self.output_processor.add_request(request_id, text, token_ids, params)
+            for request in self.processor.make_requests(request_id, token_ids, params):
+                self.engine.add_request(request)
+        results: list[RequestOutput | None] = [None] * len(prepared)
+        bar = tqdm(total=len(prepared), desc="Processed prompts", disable=not use_tqdm or len(prepared) < 2)
+        try:
+            while self.output_processor.has_unfinished_requests():
+                step = self.engine.step()
+                processed = self.output_processor.process_outputs(step.outputs)
+                if processed.reqs_to_abort:
+                    self.engine.abort_requests(processed.reqs_to_abort)
+                for output in processed.request_outputs:
+                    if output.finished:
+                        results[order[output.request_id]] = output
+                        bar.update(1)
+        except BaseException:
+            # Leave no half-finished request behind in the engine (e.g. on KeyboardInterrupt).
+            for request_id in list(order):
+                self.engine.abort_requests(self.output_processor.abort_request(request_id))
+            raise
+        finally:
+            bar.close()
+        return [r for r in results if r is not None]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    return prompts
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return params

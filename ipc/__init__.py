@@ -1,0 +1,1 @@
+"""The wire contract (msgspec schemas) and transport helpers. Knows nothing about models."""

@@ -1,0 +1,97 @@
+"""Frozen engine configuration, built once from the CLI / keyword arguments (EngineArgs).
+
+It lives in ipc/ because every process is started with it (engine core, each worker) and
+workers/ may not import core/.
+
+Nothing in the engine reads environment variables for behaviour: what it needs is here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str  # what the user typed (alias, path)
+    path: str  # resolved file or directory
+    format: Literal["gguf", "hf"]
+    served_model_name: str
+    architecture: str
+    dtype: str  # resolved: float32 / float16 / bfloat16
+    max_model_len: int
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    eos_token_id: int | None
+    bos_token_id: int | None
+    load_format: str = "auto"
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    skip_tokenizer_init: bool = False
+    seed: int = 0
+    # The HF config as a plain dict (picklable, hashable by identity only).
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    # When set, exactly this many KV blocks (vLLM's --num-gpu-blocks-override).
+    num_gpu_blocks_override: int | None = None
+    # KV-cache budget on CPU devices, in bytes (vLLM's --kv-cache-memory-bytes).
+    kv_cache_memory_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # "uni": the model runs in the engine-core process; "mp": one worker process per rank.
+    distributed_executor_backend: Literal["uni", "mp"] = "uni"
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    device: str = "cpu"  # "cpu" or "cuda"
+    enforce_eager: bool = False
+    # Intra-op threads of a CPU worker. Few: OpenMP threads that spin against other busy
+    # processes (the frontend, the engine loop, a test runner) are slower than one thread.
+    cpu_threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: DeviceConfig
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,1 @@
+"""Kernels: Triton implementations beside plain-torch references. Imports nothing of the project."""

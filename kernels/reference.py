@@ -1,0 +1,146 @@
+"""Plain-torch reference implementations of every kernel.
+
+These are the executable specification: each Triton kernel in ``kernels/triton/`` has the same
+signature and is tested against the function here. On CPU the engine runs these directly.
+
+KV cache layout (decided once, used everywhere):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]  (NHD, one pair per layer)
+    A token's slot is ``block_id * block_size + offset``; ``slot_mapping`` holds one slot per new
+    token, -1 for padding tokens that must not be written.
+    block_tables: int32 [num_seqs, max_blocks_per_seq], row s lists the blocks of sequence s in order.
+    seq_lens: int32 [num_seqs], the context length of each sequence *including* this step's tokens.
+    query_start_loc: int32 [num_seqs + 1], cumulative query lengths (the new tokens of this step).
+The query tokens of sequence s sit at absolute positions seq_len - q_len .. seq_len - 1, so a
+query token at position p attends to keys 0..p (causal mask offset by the cached length).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_ref(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # int64 [T], -1 = skip
+) -> None:
+    block_size = k_cache.shape[1]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = key[valid].to(k_cache.dtype)
+    v_cache[blocks, offsets] = value[valid].to(v_cache.dtype)
+
+
+def paged_attention_ref(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # int32 [S, max_blocks]
+    seq_lens: torch.Tensor,  # int32 [S]
+    query_start_loc: torch.Tensor,  # int32 [S + 1]
+    scale: float,
+    out: torch.Tensor | None = None,  # [T, Hq, D]
+) -> torch.Tensor:
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if out is None:
+        out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[s], starts[s + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        blocks = block_tables[s, : math.ceil(seq_len / block_size)].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        q = query[q_start:q_end].transpose(0, 1)  # [Hq, q_len, D]
+        # Query i sits at position seq_len - q_len + i and sees keys 0 .. that position.
+        mask = None
+        if q_len > 1:
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
+        attn = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
+        out[q_start:q_end] = attn.transpose(0, 1).to(out.dtype)
+    return out
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: residual <- x + residual; x <- rms_norm(residual). Returns (x, residual)."""
+    residual.add_(x)
+    x.copy_(rms_norm_ref(residual, weight, eps))
+    return x, residual
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x: [M, 2I] holding gate || up; returns silu(gate) * up, [M, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies, with the llama3 scaling when ``scaling['rope_type'] == 'llama3'``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type in (None, "default"):
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type != "llama3":
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported")
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling["low_freq_factor"])
+    high_freq_factor = float(scaling["high_freq_factor"])
+    old_context_len = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def build_rope_cache(
+    head_dim: int, max_position: int, theta: float, scaling: dict | None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """[max_position, head_dim] fp32: cos in the first half of each row, sin in the second."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)
+    positions = torch.arange(max_position, dtype=torch.float32, device=device)
+    freqs = torch.outer(positions, inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope_ref(
+    positions: torch.Tensor,  # int64 [T]
+    query: torch.Tensor,  # [T, Hq, D]
+    key: torch.Tensor,  # [T, Hkv, D]
+    cos_sin_cache: torch.Tensor,  # [max_position, D] fp32
+) -> None:
+    """NeoX-style (rotate halves, as HF Llama) rotary embedding, applied to q and k in place."""
+    half = query.shape[-1] // 2
+    cos_sin = cos_sin_cache[positions]
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
+    for x in (query, key):
+        x32 = x.float()
+        x1, x2 = x32[..., :half], x32[..., half:]
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        x.copy_(rotated.to(x.dtype))

@@ -1,0 +1,175 @@
+"""Tensor-parallel building blocks: column/row-parallel linears, vocab-parallel embedding and LM head.
+
+Each parameter carries a ``weight_loader(param, loaded, shard)`` that copies this rank's slice of a
+full checkpoint tensor into it, so the model's ``load_weights`` stays a name-mapping loop.
+With ``tp.size == 1`` every layer is a plain linear / embedding and no collective runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # a torch.distributed ProcessGroup when size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def _divide(a: int, b: int, what: str) -> int:
+    if a % b:
+        raise ValueError(f"{what} ({a}) is not divisible by tensor_parallel_size ({b})")
+    return a // b
+
+
+def _set_loader(param: nn.Parameter, loader: Callable[..., None]) -> nn.Parameter:
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows; each rank holds ``out/tp`` rows; no collective."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.out_per_rank = _divide(out_features, tp.size, "output size")
+        self.weight = _set_loader(nn.Parameter(torch.empty(self.out_per_rank, in_features)), self._load)
+        self.bias = _set_loader(nn.Parameter(torch.empty(self.out_per_rank)), self._load) if bias else None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+        rows = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input fused into one GEMM (gate || up)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup) -> None:
+        self.out_sizes = [_divide(s, tp.size, "output size") for s in out_sizes]
+        super().__init__(in_features, sum(out_sizes), bias, tp)
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+        offset = sum(self.out_sizes[:shard])
+        rows = self.out_sizes[shard]
+        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one GEMM. Query heads are split across ranks; KV heads are split
+    when there are at least as many as ranks, and replicated otherwise (tp a multiple of them)."""
+
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup
+    ) -> None:
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp.size, "number of attention heads")
+        if num_kv_heads >= tp.size:
+            self.num_kv_heads = _divide(num_kv_heads, tp.size, "number of KV heads")
+            self.kv_replicas = 1
+        else:
+            if tp.size % num_kv_heads:
+                raise ValueError(
+                    f"tensor_parallel_size ({tp.size}) must divide the number of KV heads ({num_kv_heads}) "
+                    f"or be a multiple of it"
+                )
+            self.num_kv_heads = 1
+            self.kv_replicas = tp.size // num_kv_heads
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
+        super().__init__(hidden, out, bias, tp)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+        if shard == "q":
+            offset, rows, src = 0, self.q_size, self.tp.rank * self.q_size
+        else:
+            offset = self.q_size + (0 if shard == "k" else self.kv_size)
+            rows = self.kv_size
+            src = (self.tp.rank // self.kv_replicas) * self.kv_size
+        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, src, rows))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns; the partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_per_rank = _divide(in_features, tp.size, "input size")
+        self.weight = _set_loader(nn.Parameter(torch.empty(out_features, self.in_per_rank)), self._load)
+        self.bias = _set_loader(nn.Parameter(torch.empty(out_features)), self._load_bias) if bias else None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+        cols = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
+
+    def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split across ranks (padded to a multiple of tp)."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.per_rank
+        self.weight = _set_loader(nn.Parameter(torch.empty(self.per_rank, hidden)), self._load)
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+        part = loaded[self.start : self.start + self.per_rank]
+        param.data.zero_()
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        mask = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(mask, 0), self.weight)
+        out.masked_fill_(mask.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection, vocab-split; logits of every rank are gathered (all ranks get all)."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,292 @@
+"""The Llama family: Llama 2/3/3.1/3.2, Mistral, SmolLM2, Qwen2 (QKV bias), tied or untied heads.
+
+The model takes flattened tokens of the whole step (no padding between sequences) and an
+AttentionMetadata describing where each sequence's queries and KV blocks are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels import ops
+from kernels.reference import build_rope_cache
+from workers.models.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    VocabParallelEmbedding,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [T]
+    block_tables: torch.Tensor  # int32 [S, max_blocks]
+    seq_lens: torch.Tensor  # int32 [S]
+    query_start_loc: torch.Tensor  # int32 [S + 1]
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaArgs:
+    """The architecture numbers, read from an HF config dict."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> LlamaArgs:
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        scaling = rope if rope.get("rope_type", "default") != "default" else cfg.get("rope_scaling")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        is_qwen2 = arch == "Qwen2ForCausalLM" or cfg.get("model_type") == "qwen2"
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position=cfg.get("max_position_embeddings", 8192),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen2 has biases on q/k/v only; Llama's attention_bias covers o_proj too.
+            qkv_bias=bool(cfg.get("attention_bias", False)) or is_qwen2,
+            o_proj_bias=bool(cfg.get("attention_bias", False)) and not is_qwen2,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: LlamaArgs, tp: TPGroup) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, args.qkv_bias, tp
+        )
+        self.o_proj = RowParallelLinear(
+            args.num_heads * args.head_dim, args.hidden_size, args.o_proj_bias, tp
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q = qkv[:, :q_size].reshape(-1, self.num_heads, self.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].reshape(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size :].reshape(-1, self.num_kv_heads, self.head_dim)
+        ops.apply_rope(positions, q, k, cos_sin)
+        ops.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = ops.paged_attention(
+            q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale
+        )
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, args: LlamaArgs, tp: TPGroup) -> None:
+        super().__init__()
+        size = args.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [size, size], args.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(size, args.hidden_size, args.mlp_bias, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, tp: TPGroup) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(args, tp)
+        self.mlp = LlamaMLP(args, tp)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, positions, x, residual, kv_cache, meta, cos_sin):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta, cos_sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our parameter fragment, shard id)
+    _STACKED = (
+        (".q_proj.", ".qkv_proj.", "q"),
+        (".k_proj.", ".qkv_proj.", "k"),
+        (".v_proj.", ".qkv_proj.", "v"),
+        (".gate_proj.", ".gate_up_proj.", 0),
+        (".up_proj.", ".gate_up_proj.", 1),
+    )
+
+    def __init__(self, hf_config: dict[str, Any], tp: TPGroup | None = None) -> None:
+        super().__init__()
+        tp = tp or TPGroup()
+        self.args = args = LlamaArgs.from_hf(hf_config)
+        self.tp = tp
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(args, tp) for _ in range(args.num_layers)])
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, tp)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer(
+            "cos_sin_cache",
+            build_rope_cache(args.head_dim, args.max_position, args.rope_theta, args.rope_scaling),
+            persistent=False,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_cache, meta, self.cos_sin_cache)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
+
+    # ------------------------------------------------------------------ weights
+    def _param_name(self, name: str) -> tuple[str, Any]:
+        name = name.removeprefix("model.")
+        for src, dst, shard in self._STACKED:
+            if src in name:
+                return name.replace(src, dst), shard
+        return name, None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for ckpt_name, tensor in weights:
+            if "rotary_emb.inv_freq" in ckpt_name:
+                continue
+            if ckpt_name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue  # tied: the embedding is the head
+            name, shard = self._param_name(ckpt_name)
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {type(self).__name__}")
+            with torch.no_grad():
+                loader = getattr(param, "weight_loader", None)
+                if loader is not None:
+                    loader(param, tensor.to(param.dtype), shard)
+                else:
+                    param.data.copy_(tensor)
+            loaded.add(name)
+        if self.args.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def dummy_checkpoint(hf_config: dict[str, Any], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """A random checkpoint with HF tensor names (load_format='dummy'), reproducible from ``seed``.
+
+    Generated at full size and loaded through the same sharding path as a real checkpoint, so
+    every tensor-parallel size sees the same model, and HF transformers can load it too.
+    """
+    args = LlamaArgs.from_hf(hf_config)
+    h, d, inter = args.hidden_size, args.head_dim, args.intermediate_size
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (args.vocab_size, h))]
+    for i in range(args.num_layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "self_attn.q_proj.weight", (args.num_heads * d, h)),
+            (p + "self_attn.k_proj.weight", (args.num_kv_heads * d, h)),
+            (p + "self_attn.v_proj.weight", (args.num_kv_heads * d, h)),
+            (p + "self_attn.o_proj.weight", (h, args.num_heads * d)),
+            (p + "mlp.gate_proj.weight", (inter, h)),
+            (p + "mlp.up_proj.weight", (inter, h)),
+            (p + "mlp.down_proj.weight", (h, inter)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
+        if args.qkv_bias:
+            shapes += [
+                (p + "self_attn.q_proj.bias", (args.num_heads * d,)),
+                (p + "self_attn.k_proj.bias", (args.num_kv_heads * d,)),
+                (p + "self_attn.v_proj.bias", (args.num_kv_heads * d,)),
+            ]
+        if args.o_proj_bias:
+            shapes.append((p + "self_attn.o_proj.bias", (h,)))
+        if args.mlp_bias:
+            shapes += [
+                (p + "mlp.gate_proj.bias", (inter,)),
+                (p + "mlp.up_proj.bias", (inter,)),
+                (p + "mlp.down_proj.bias", (h,)),
+            ]
+    shapes.append(("model.norm.weight", (h,)))
+    if not args.tie_word_embeddings:
+        shapes.append(("lm_head.weight", (args.vocab_size, h)))
+    for index, (name, shape) in enumerate(shapes):
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape)
+            continue
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
+        yield name, torch.empty(shape).uniform_(-0.05, 0.05, generator=gen)

@@ -1,0 +1,61 @@
+"""Architectures by their HF ``architectures`` name, and model construction + weight loading."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ipc.config import ModelConfig
+from workers.models.layers import TPGroup
+from workers.models.llama import LlamaForCausalLM, dummy_checkpoint
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(MODEL_CLASSES)
+
+
+def model_class(architecture: str) -> type[torch.nn.Module]:
+    cls = MODEL_CLASSES.get(architecture)
+    if cls is None:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
+        )
+    return cls
+
+
+def build_model(
+    config: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
+    cls = model_class(config.architecture)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config.hf_config, tp)
+    finally:
+        torch.set_default_dtype(previous)
+    # The RoPE table stays fp32: positions up to 128k need the precision.
+    model.cos_sin_cache = model.cos_sin_cache.float()
+    return model
+
+
+def load_model_weights(model: torch.nn.Module, config: ModelConfig) -> None:
+    if config.load_format == "dummy":
+        model.load_weights(dummy_checkpoint(config.hf_config, config.seed))
+        return
+    from workers.loaders import iter_weights
+    from workers.loaders.source import ModelSource
+
+    model.load_weights(
+        iter_weights(ModelSource(path=Path(config.path), format=config.format, name=config.model))
+    )

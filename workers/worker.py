@@ -1,0 +1,89 @@
+"""Worker: one rank's device, model, KV cache and ModelRunner.
+
+It runs inside the engine-core process (UniProcExecutor) or in a worker process of its own; it
+schedules nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ipc.config import EngineConfig
+from ipc.messages import ModelRunnerOutput, SchedulerOutput
+from workers.model_runner import ModelRunner
+from workers.models.layers import TPGroup
+from workers.models.registry import build_model, load_model_weights
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Without a memory profile (CPU), this much memory goes to the KV cache unless configured.
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0, tp: TPGroup | None = None) -> None:
+        self.config = config
+        self.rank = rank
+        self.tp = tp or TPGroup()
+        self.device = torch.device(config.device.device)
+        self.dtype = _DTYPES[config.model.dtype]
+        self.model: torch.nn.Module | None = None
+        self.runner: ModelRunner | None = None
+
+    def load_model(self) -> None:
+        start = time.perf_counter()
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.config.device.cpu_threads)
+        torch.manual_seed(self.config.model.seed)
+        model = build_model(self.config.model, self.tp, self.dtype, self.device)
+        load_model_weights(model, self.config.model)
+        model.eval()
+        self.model = model
+        sched = self.config.scheduler
+        self.runner = ModelRunner(
+            model,
+            self.device,
+            self.config.cache.block_size,
+            sched.max_num_seqs,
+            sched.max_model_len,
+            self.config.model.vocab_size,
+        )
+        logger.info("model loaded in %.2f s on %s (%s)", time.perf_counter() - start, self.device, self.dtype)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        m = self.config.model
+        local_kv_heads = max(1, m.num_kv_heads // self.tp.size)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * m.num_layers * self.config.cache.block_size * local_kv_heads * m.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        if self.device.type != "cpu":
+            raise NotImplementedError("KV sizing by memory profiling is only built for CPU so far")
+        budget = self.config.cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
+        return max(1, budget // self.kv_bytes_per_block)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        m = self.config.model
+        local_kv_heads = max(1, m.num_kv_heads // self.tp.size)
+        shape = (2, num_blocks, self.config.cache.block_size, local_kv_heads, m.head_dim)
+        # Never read before written: attention only looks at slots below each sequence's length.
+        self.runner.kv_caches = [
+            torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)
+        ]
+        logger.info(
+            "KV cache allocated: %d blocks, %.1f MiB",
+            num_blocks,
+            num_blocks * self.kv_bytes_per_block / 2**20,
+        )
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.runner = None
+        self.model = None
