@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,14 @@ from tqdm import tqdm
 
 from core.engine_args import DEFAULT_MODEL, EngineArgs
 from core.engine_core import EngineCore
+from core.errors import EngineDeadError
+from frontend.engine_client import EngineCoreClient, EngineDead
 from frontend.output_processor import OutputProcessor
 from frontend.outputs import RequestOutput
 from frontend.processor import InputProcessor, PromptType
 from frontend.tokenizer import Tokenizer, load_tokenizer
+from ipc.config import EngineConfig
+from ipc.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from ipc.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -23,18 +29,101 @@ logger = logging.getLogger(__name__)
 Message = dict[str, Any]
 
 
+@dataclass(slots=True)
+class EngineStats:
+    """What the engine reported, accumulated over the LLM's life."""
+
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    kv_cache_usage: float = 0.0
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+
+    def add(self, stats: SchedulerStats) -> None:
+        self.num_preemptions += stats.num_preemptions
+        self.prefix_cache_queries += stats.prefix_cache_queries
+        self.prefix_cache_hits += stats.prefix_cache_hits
+        self.kv_cache_usage = stats.kv_cache_usage
+        self.num_running_reqs = stats.num_running_reqs
+        self.num_waiting_reqs = stats.num_waiting_reqs
+
+
+class _ProcessEngine:
+    """The engine core in its own process (the default, as vLLM's)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._outputs: queue.Queue[EngineCoreOutputs | EngineDead] = queue.Queue()
+        self.client = EngineCoreClient(config, self._outputs.put)
+        self.kv_capacity_tokens = self.client.info["kv_capacity_tokens"]
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.client.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.client.abort_requests(request_ids)
+
+    def next_outputs(self) -> EngineCoreOutputs:
+        item = self._outputs.get()
+        if isinstance(item, EngineDead):
+            raise EngineDeadError(item.reason)
+        return item
+
+    def call(self, method: str) -> Any:
+        return self.client.call_utility(method).result(timeout=60)
+
+    def shutdown(self) -> None:
+        self.client.shutdown()
+
+
+class _InProcessEngine:
+    """The engine core in this process: no IPC; for tests that look inside, and for debugging."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.core = EngineCore(config)
+        self.kv_capacity_tokens = self.core.kv_capacity_tokens
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.core.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.core.abort_requests(request_ids)
+
+    def next_outputs(self) -> EngineCoreOutputs:
+        return self.core.step()
+
+    def call(self, method: str) -> Any:
+        if method == "reset_prefix_cache":
+            return self.core.reset_prefix_cache()
+        if method == "get_stats":
+            return {
+                "num_unfinished": self.core.scheduler.num_unfinished,
+                "kv_cache_usage": self.core.kv_cache.usage,
+            }
+        raise ValueError(f"unknown utility method {method!r}")
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+
 class LLM:
     """Offline batch inference. Keyword arguments are the engine flags with vLLM's names
-    (``max_model_len``, ``dtype``, ``load_format``, ``tensor_parallel_size``, ...)."""
+    (``max_model_len``, ``dtype``, ``load_format``, ``tensor_parallel_size``, ...).
 
-    def __init__(self, model: str = DEFAULT_MODEL, **engine_kwargs: Any) -> None:
+    The engine core runs in a process of its own; ``engine_process=False`` keeps it in this
+    process instead (no IPC; its state is then inspectable as ``llm.engine.core``)."""
+
+    def __init__(
+        self, model: str = DEFAULT_MODEL, *, engine_process: bool = True, **engine_kwargs: Any
+    ) -> None:
         args = EngineArgs.from_kwargs(model=model, **engine_kwargs)
         self.config = args.create_engine_config()
         mc = self.config.model
         self.tokenizer: Tokenizer | None = None
         if not mc.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(Path(mc.path), mc.format, mc.tokenizer, mc.chat_template)
-        self.engine = EngineCore(self.config)
+        self.engine = _ProcessEngine(self.config) if engine_process else _InProcessEngine(self.config)
+        self.stats = EngineStats()
         self.processor = InputProcessor(mc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -96,7 +185,12 @@ class LLM:
         bar = tqdm(total=len(prepared), desc="Processed prompts", disable=not use_tqdm or len(prepared) < 2)
         try:
             while self.output_processor.has_unfinished_requests():
-                step = self.engine.step()
+                step = self.engine.next_outputs()
+                if step.scheduler_stats is not None:
+                    self.stats.add(step.scheduler_stats)
+                refused = next((o for o in step.outputs if o.error is not None), None)
+                if refused is not None:  # validated above, so this is an engine-side refusal
+                    raise ValueError(refused.error)
                 processed = self.output_processor.process_outputs(step.outputs)
                 if processed.reqs_to_abort:
                     self.engine.abort_requests(processed.reqs_to_abort)
@@ -104,6 +198,10 @@ class LLM:
                     if output.finished:
                         results[order[output.request_id]] = output
                         bar.update(1)
+        except EngineDeadError:
+            for request_id in list(order):
+                self.output_processor.abort_request(request_id)
+            raise
         except BaseException:
             # Leave no half-finished request behind in the engine (e.g. on KeyboardInterrupt).
             for request_id in list(order):
@@ -112,6 +210,13 @@ class LLM:
         finally:
             bar.close()
         return [r for r in results if r is not None]
+
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.engine.call("reset_prefix_cache"))
+
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine's live numbers: unfinished requests and KV-cache usage in [0, 1]."""
+        return self.engine.call("get_stats")
 
     def shutdown(self) -> None:
         self.engine.shutdown()

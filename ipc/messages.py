@@ -18,7 +18,7 @@ import msgspec
 
 from ipc.sampling_params import SamplingParams
 
-WIRE_SCHEMA_VERSION = 1
+WIRE_SCHEMA_VERSION = 2
 
 
 class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
@@ -62,6 +62,7 @@ class EngineCoreOutput(_Wire):
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # with FinishReason.ERROR: why the engine refused or failed it
 
     @property
     def finished(self) -> bool:
@@ -83,6 +84,8 @@ class EngineCoreOutputs(_Wire):
     outputs: list[EngineCoreOutput] = msgspec.field(default_factory=list)
     scheduler_stats: SchedulerStats | None = None
     timestamp: float = 0.0
+    # Set on the last message of an engine core that hit a fatal error; it exits right after.
+    engine_error: str | None = None
 
 
 # ---------------------------------------------------------------- engine core <-> workers

@@ -84,7 +84,9 @@ def test_token_id_prompts_and_prompt_dicts(llm: LLM) -> None:
 
 
 def test_stop_strings_cut_the_text(llm: LLM) -> None:
-    base = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    base = llm.generate(
+        "The capital of France is", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False
+    )
     text = base[0].outputs[0].text
     assert "." in text
     stop = SamplingParams(temperature=0, max_tokens=16, stop=["."])
@@ -92,7 +94,10 @@ def test_stop_strings_cut_the_text(llm: LLM) -> None:
     assert out.text == text[: text.index(".")]
     assert out.finish_reason == "stop" and out.stop_reason == "."
     keep = stop.clone(include_stop_str_in_output=True)
-    assert llm.generate("The capital of France is", keep, use_tqdm=False)[0].outputs[0].text == text[: text.index(".") + 1]
+    assert (
+        llm.generate("The capital of France is", keep, use_tqdm=False)[0].outputs[0].text
+        == text[: text.index(".") + 1]
+    )
 
 
 def test_n_and_seeds_are_reproducible_whatever_the_batch(llm: LLM) -> None:
@@ -101,7 +106,9 @@ def test_n_and_seeds_are_reproducible_whatever_the_batch(llm: LLM) -> None:
     assert [c.index for c in alone.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in alone.outputs}) > 1  # children get seed + index
     crowd = [SamplingParams(temperature=1.0, max_tokens=12)] * 4
-    mixed = llm.generate(["Hello", "Once upon a time", "Paris is", "x"], [crowd[0], seeded, *crowd[2:]], use_tqdm=False)
+    mixed = llm.generate(
+        ["Hello", "Once upon a time", "Paris is", "x"], [crowd[0], seeded, *crowd[2:]], use_tqdm=False
+    )
     assert [c.token_ids for c in mixed[1].outputs] == [c.token_ids for c in alone.outputs]
 
 
@@ -113,7 +120,9 @@ def test_logprobs_and_min_tokens(llm: LLM) -> None:
         assert token_id in position
         assert position[token_id].rank == 1  # greedy picks the top token
         assert 3 <= len(position) <= 4
-    assert out.cumulative_logprob == pytest.approx(sum(p[t].logprob for t, p in zip(out.token_ids, out.logprobs)))
+    assert out.cumulative_logprob == pytest.approx(
+        sum(p[t].logprob for t, p in zip(out.token_ids, out.logprobs))
+    )
 
 
 def test_refusals_name_the_problem(llm: LLM) -> None:
@@ -128,5 +137,5 @@ def test_refusals_name_the_problem(llm: LLM) -> None:
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[10**9]], use_tqdm=False)
     # A refused batch leaves nothing behind, and the engine still serves.
-    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine_stats() == {"num_unfinished": 0, "kv_cache_usage": 0.0}
     assert llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids

@@ -98,7 +98,13 @@ def test_greedy_matches_hf_single_and_batch(tiny) -> None:
     path, hf = tiny
     batch = prompts(5)
     expected = [hf_greedy(hf, p, GREEDY.max_tokens) for p in batch]
-    llm = LLM(model=str(path), skip_tokenizer_init=True, num_gpu_blocks_override=256, block_size=16)
+    llm = LLM(
+        model=str(path),
+        engine_process=False,
+        skip_tokenizer_init=True,
+        num_gpu_blocks_override=256,
+        block_size=16,
+    )
     assert engine_tokens(llm, batch[:1]) == expected[:1]
     assert engine_tokens(llm, batch) == expected
 
@@ -125,6 +131,7 @@ def test_chunked_prefill_preemption_and_prefix_cache_keep_tokens(tmp_path_factor
     long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     tight = LLM(
         model=str(path),
+        engine_process=False,
         skip_tokenizer_init=True,
         max_model_len=128,
         num_gpu_blocks_override=40,
@@ -132,8 +139,8 @@ def test_chunked_prefill_preemption_and_prefix_cache_keep_tokens(tmp_path_factor
         enable_prefix_caching=False,
     )
     assert engine_tokens(tight, batch, long) == [hf_greedy(hf, p, 40) for p in batch]
-    assert tight.engine.scheduler.total_preemptions > 0
-    assert tight.engine.kv_cache.usage == 0.0
+    assert tight.engine.core.scheduler.total_preemptions > 0
+    assert tight.engine.core.kv_cache.usage == 0.0
 
     # Prefix caching: the second request reuses the first one's 40-token prefix (10 full blocks).
     cached = LLM(
@@ -152,17 +159,26 @@ def test_chunked_prefill_preemption_and_prefix_cache_keep_tokens(tmp_path_factor
     again = cached.generate(batch, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == expected
     assert all(o.num_cached_tokens >= 40 for o in again)
+    assert cached.stats.prefix_cache_hits > 0
+    assert cached.engine_stats() == {"num_unfinished": 0, "kv_cache_usage": 0.0}
+    cached.shutdown()
+    chunked.shutdown()
 
 
 def test_preemption_counts_and_frees(tmp_path_factory) -> None:
     path, _ = make_model(tmp_path_factory, "llama-mha-tied")
     llm = LLM(
-        model=str(path), skip_tokenizer_init=True, max_model_len=96, num_gpu_blocks_override=24, block_size=4
+        model=str(path),
+        engine_process=False,
+        skip_tokenizer_init=True,
+        max_model_len=96,
+        num_gpu_blocks_override=24,
+        block_size=4,
     )
     batch = prompts(8, seed=11, lo=20, hi=40)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     outs = llm.generate(batch, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [30] * 8
-    assert llm.engine.scheduler.total_preemptions > 0
-    assert llm.engine.kv_cache.num_free_blocks == 24
-    llm.engine.kv_cache.check_invariants()
+    assert llm.engine.core.scheduler.total_preemptions > 0
+    assert llm.engine.core.kv_cache.num_free_blocks == 24
+    llm.engine.core.kv_cache.check_invariants()
