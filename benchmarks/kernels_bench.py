@@ -1,0 +1,433 @@
+"""GPU micro-benchmark of the Triton kernels at real model shapes; writes JSON.
+
+    python benchmarks/kernels_bench.py --out benchmarks/results/kernels_h100.json
+
+Reports, per preset (llama3-8b, smollm2-135m by default):
+* decode paged attention: achieved bandwidth (bytes of K and V read / time) as a fraction of the
+  measured device copy bandwidth (torch copy of 1 GiB, bytes read + written), for the split-KV
+  heuristic's choice, no split, and twice its split;
+* prefill attention (fresh, and chunked over a cached prefix): causal TFLOP/s;
+* write_kv, rms_norm, fused_add_rms_norm, apply_rope, silu_and_mul: bandwidth and fraction of copy.
+
+Method: --layers calls, each on its own buffers, are captured in one CUDA graph (as a decode step
+runs its layers; it also proves the ops capture) and replayed; L2 is flushed by overwriting a large
+buffer before each timed replay; CUDA events time each replay; the figure is the median over
+repeats, after warmup, divided by the calls per graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PRESETS_DIR = ROOT.parent / "shared" / "bench" / "presets"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    rope_theta: float
+    rope_scaling: dict | None
+
+
+# Used when the presets directory is not beside the checkout (e.g. on a lent GPU machine).
+FALLBACK = {
+    "llama3-8b": Shapes(
+        "llama3-8b",
+        32,
+        8,
+        128,
+        4096,
+        14336,
+        500000.0,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "smollm2-135m": Shapes("smollm2-135m", 9, 3, 64, 576, 1536, 100000.0, None),
+}
+
+DECODE_SHAPES = [
+    (1, 8192),
+    (4, 4096),
+    (8, 4096),
+    (16, 2048),
+    (32, 4096),
+    (64, 2048),
+    (128, 1024),
+    (256, 1024),
+]
+PREFILL_SHAPES = [
+    (1, 0, 4096),
+    (4, 0, 2048),
+    (16, 0, 512),
+    (2, 2048, 512),
+]  # (seqs, cached prefix, new tokens)
+TOKEN_COUNTS = [1, 64, 512, 4096, 16384]
+
+
+def load_shapes(name: str, presets_dir: Path) -> Shapes:
+    path = presets_dir / name / "config.json"
+    if not path.exists():
+        if name in FALLBACK:
+            return FALLBACK[name]
+        raise SystemExit(f"no preset {name!r} at {path} and no built-in fallback")
+    cfg = json.loads(path.read_text())
+    heads = cfg["num_attention_heads"]
+    return Shapes(
+        name=name,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads", heads),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        hidden=cfg["hidden_size"],
+        intermediate=cfg["intermediate_size"],
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_scaling=cfg.get("rope_scaling"),
+    )
+
+
+class Timer:
+    """Median CUDA-event time per call of graph-captured calls, L2 flushed before every replay.
+
+    Several calls (e.g. one per layer, each on its own buffers, as a model's decode step runs them)
+    go into one graph and the time is divided by their number: this amortises the graph launch and
+    event overhead (~4 us) the way a whole-model graph does, without letting the calls share L2.
+    """
+
+    def __init__(self, warmup: int, repeats: int, use_graphs: bool) -> None:
+        self.warmup = warmup
+        self.repeats = repeats
+        self.use_graphs = use_graphs
+        # 2x the largest Hopper L2 (50-60 MB): overwriting it evicts every line the kernel reads.
+        self.flush_buf = torch.empty(128 * 2**20, dtype=torch.int8, device="cuda")
+
+    def __call__(self, calls: Callable[[], Any] | Sequence[Callable[[], Any]]) -> float:
+        """Median microseconds per call."""
+        call_list = [calls] if callable(calls) else list(calls)
+
+        def fn() -> None:
+            for call in call_list:
+                call()
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compile and warm up outside the capture; capture on the same stream
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        run = fn
+        if self.use_graphs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            run = graph.replay
+        for _ in range(self.warmup):
+            run()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
+        for start, end in zip(starts, ends):
+            # The flush also keeps the GPU busy while the host enqueues the call, so host launch
+            # latency is not counted.
+            self.flush_buf.fill_(1)
+            start.record()
+            run()
+            end.record()
+        torch.cuda.synchronize()
+        median_ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        return median_ms * 1e3 / len(call_list)
+
+
+def measure_copy_bandwidth(timer: Timer) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written, GB/s."""
+    n = 2**30
+    # fp32 elements: torch's byte-wise copy kernel is slower than its wide ones.
+    src = torch.randn(n // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    us = timer(functools.partial(dst.copy_, src))
+    return 2 * n / us / 1e3
+
+
+def make_paged(
+    shapes: Shapes, seqs: list[tuple[int, int]], page_size: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Random bf16 cache with a shuffled block table; returns paged_attention's tensor arguments."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    seq_lens = [ctx + q for ctx, q in seqs]
+    blocks = [math.ceil(n / page_size) for n in seq_lens]
+    num_blocks = sum(blocks) + 1
+    cache_shape = (num_blocks, page_size, shapes.num_kv_heads, shapes.head_dim)
+    k_cache = torch.randn(cache_shape, device="cuda", dtype=dtype, generator=gen)
+    v_cache = torch.randn(cache_shape, device="cuda", dtype=dtype, generator=gen)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+    table = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device="cuda")
+    used = 0
+    for s, n in enumerate(blocks):
+        table[s, :n] = perm[used : used + n]
+        used += n
+    q_lens = torch.tensor([q for _, q in seqs], dtype=torch.int32)
+    qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(q_lens, 0)
+    query = torch.randn(
+        int(qsl[-1]), shapes.num_heads, shapes.head_dim, device="cuda", dtype=dtype, generator=gen
+    )
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    return query, k_cache, v_cache, table, seq_lens_t, qsl.cuda()
+
+
+def bench_decode(
+    shapes: Shapes, timer: Timer, copy_gbps: float, page_size: int, layers: int, quick: bool
+) -> list[dict]:
+    from kernels.triton import attention
+
+    rows = []
+    elem = 2
+    scale = shapes.head_dim**-0.5
+    group = shapes.num_heads // shapes.num_kv_heads
+    for batch, ctx in DECODE_SHAPES[:3] if quick else DECODE_SHAPES:
+        # seq_len = ctx (the new token included), so the kernel reads exactly ctx positions.
+        per_layer = [
+            make_paged(shapes, [(ctx - 1, 1)] * batch, page_size, torch.bfloat16, i) for i in range(layers)
+        ]
+        outs = [torch.empty_like(args[0]) for args in per_layer]
+        kv_bytes = 2 * batch * ctx * shapes.num_kv_heads * shapes.head_dim * elem
+        config = attention.choose_config(batch, batch, group, shapes.head_dim)
+        auto = attention.choose_num_splits(
+            batch, batch, shapes.num_kv_heads, attention.num_sms(outs[0].device)
+        )
+        # The heuristic's choice next to no split and twice its split, to show it is a local optimum.
+        variants = {"auto": auto, "no_split": 1, "double_split": min(2 * auto, attention.MAX_SPLITS)}
+        for label, splits in variants.items():
+            if label != "auto" and splits == auto:
+                continue
+            calls = [
+                functools.partial(attention.paged_attention_launch, *args, scale, out, config, splits)
+                for args, out in zip(per_layer, outs)
+            ]
+            us = timer(calls)
+            gbps = kv_bytes / us / 1e3
+            rows.append(
+                {
+                    "kernel": "paged_attention_decode",
+                    "preset": shapes.name,
+                    "variant": label,
+                    "batch": batch,
+                    "context": ctx,
+                    "page_size": page_size,
+                    "num_splits": splits,
+                    "kv_bytes": kv_bytes,
+                    "median_us": us,
+                    "GBps": gbps,
+                    "fraction_of_copy": gbps / copy_gbps,
+                }
+            )
+        del per_layer, outs
+    return rows
+
+
+def bench_prefill(shapes: Shapes, timer: Timer, page_size: int, layers: int, quick: bool) -> list[dict]:
+    from kernels.triton import attention
+
+    rows = []
+    scale = shapes.head_dim**-0.5
+    for num_seqs, ctx, q_len in PREFILL_SHAPES[:2] if quick else PREFILL_SHAPES:
+        per_layer = [
+            make_paged(shapes, [(ctx, q_len)] * num_seqs, page_size, torch.bfloat16, i) for i in range(layers)
+        ]
+        calls = [
+            functools.partial(attention.paged_attention, *args, scale, torch.empty_like(args[0]))
+            for args in per_layer
+        ]
+        us = timer(calls)
+        # Causal: query i of a sequence (0-based, after ctx cached tokens) sees ctx + i + 1 keys;
+        # QK^T and PV are 2 FLOPs per multiply-add each.
+        keys_seen = num_seqs * (q_len * ctx + q_len * (q_len + 1) // 2)
+        flops = 4 * keys_seen * shapes.head_dim * shapes.num_heads
+        rows.append(
+            {
+                "kernel": "paged_attention_prefill",
+                "preset": shapes.name,
+                "num_seqs": num_seqs,
+                "cached_prefix": ctx,
+                "new_tokens": q_len,
+                "page_size": page_size,
+                "median_us": us,
+                "TFLOPs": flops / us / 1e6,
+            }
+        )
+        del per_layer, calls
+    return rows
+
+
+def bench_pointwise(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, quick: bool) -> list[dict]:
+    from kernels.reference import build_rope_cache
+    from kernels.triton.activation import silu_and_mul
+    from kernels.triton.kv_cache import write_kv
+    from kernels.triton.norm import fused_add_rms_norm, rms_norm
+    from kernels.triton.rope import apply_rope
+
+    dt = torch.bfloat16
+    elem = 2
+    hq, hkv, d = shapes.num_heads, shapes.num_kv_heads, shapes.head_dim
+    hidden, inter = shapes.hidden, shapes.intermediate
+    rope_cache = build_rope_cache(d, 32768, shapes.rope_theta, shapes.rope_scaling, device="cuda")
+    page = 16
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dt)
+
+    def norm_call(m: int) -> Callable[[], Any]:
+        return functools.partial(rms_norm, rand(m, hidden), rand(hidden), 1e-5)
+
+    def add_norm_call(m: int) -> Callable[[], Any]:
+        return functools.partial(fused_add_rms_norm, rand(m, hidden), rand(m, hidden), rand(hidden), 1e-5)
+
+    def silu_call(m: int) -> Callable[[], Any]:
+        return functools.partial(silu_and_mul, rand(m, 2 * inter))
+
+    def rope_call(m: int) -> Callable[[], Any]:
+        qkv = rand(m, (hq + 2 * hkv) * d)  # q and k as strided views of a fused projection
+        q, k = qkv[:, : hq * d].view(m, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(m, hkv, d)
+        positions = torch.randint(0, 32768, (m,), device="cuda")
+        return functools.partial(apply_rope, positions, q, k, rope_cache)
+
+    def write_kv_call(m: int) -> Callable[[], Any]:
+        num_blocks = math.ceil(m / page) + 1
+        k_cache, v_cache = rand(num_blocks, page, hkv, d), rand(num_blocks, page, hkv, d)
+        slots = torch.randperm(num_blocks * page, device="cuda")[:m]
+        return functools.partial(write_kv, rand(m, hkv, d), rand(m, hkv, d), k_cache, v_cache, slots)
+
+    kernels: dict[str, tuple[Callable[[int], Callable[[], Any]], Callable[[int], int]]] = {
+        "rms_norm": (norm_call, lambda m: 2 * m * hidden * elem),
+        "fused_add_rms_norm": (add_norm_call, lambda m: 4 * m * hidden * elem),
+        "silu_and_mul": (silu_call, lambda m: 3 * m * inter * elem),
+        "apply_rope": (rope_call, lambda m: 2 * m * (hq + hkv) * d * elem + m * d * 4),
+        "write_kv": (write_kv_call, lambda m: 2 * 2 * m * hkv * d * elem),
+    }
+    rows = []
+    for m in TOKEN_COUNTS[::2] if quick else TOKEN_COUNTS:
+        for kernel, (make_call, nbytes) in kernels.items():
+            us = timer([make_call(m) for _ in range(layers)])
+            gbps = nbytes(m) / us / 1e3
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "preset": shapes.name,
+                    "tokens": m,
+                    "bytes": nbytes(m),
+                    "median_us": us,
+                    "GBps": gbps,
+                    "fraction_of_copy": gbps / copy_gbps,
+                }
+            )
+    return rows
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, type=Path, help="JSON file to write")
+    parser.add_argument("--presets", nargs="+", default=["llama3-8b", "smollm2-135m"])
+    parser.add_argument("--presets-dir", type=Path, default=DEFAULT_PRESETS_DIR)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument(
+        "--layers", type=int, default=4, help="calls per graph, each on its own buffers (like model layers)"
+    )
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--no-graphs", action="store_true", help="time eager calls instead of graph replays")
+    parser.add_argument("--quick", action="store_true", help="a few shapes per kernel only")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["decode", "prefill", "pointwise"],
+        default=["decode", "prefill", "pointwise"],
+    )
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("kernels_bench needs a CUDA device", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT))  # `kernels` from this checkout, however the script is started
+    import triton
+
+    timer = Timer(args.warmup, args.repeats, use_graphs=not args.no_graphs)
+    props = torch.cuda.get_device_properties(0)
+    copy_gbps = measure_copy_bandwidth(timer)
+    print(f"{props.name}: device copy {copy_gbps:.0f} GB/s (read + write)", flush=True)
+
+    results: list[dict] = []
+    for name in args.presets:
+        shapes = load_shapes(name, args.presets_dir)
+        if "decode" in args.only:
+            results += bench_decode(shapes, timer, copy_gbps, args.page_size, args.layers, args.quick)
+        if "prefill" in args.only:
+            results += bench_prefill(shapes, timer, args.page_size, args.layers, args.quick)
+        if "pointwise" in args.only:
+            results += bench_pointwise(shapes, timer, copy_gbps, args.layers, args.quick)
+        torch.cuda.empty_cache()
+
+    for r in results:
+        shape = {k: v for k, v in r.items() if k not in ("kernel", "preset", "median_us", "GBps", "TFLOPs")}
+        figure = f"{r['TFLOPs']:7.1f} TFLOP/s" if "TFLOPs" in r else f"{r['GBps']:7.0f} GB/s"
+        print(f"{r['kernel']:26s} {r['preset']:13s} {r['median_us']:9.1f} us {figure}  {shape}")
+
+    report = {
+        "device": props.name,
+        "sm_count": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "git_commit": git_commit(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": "CUDA graph of --layers calls on separate buffers, L2 flushed before each replay, "
+        "CUDA events, median of repeats divided by the calls per graph",
+        "layers": args.layers,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "copy_GBps": copy_gbps,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

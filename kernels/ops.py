@@ -1,0 +1,93 @@
+"""The kernel entry points the model calls.
+
+Each op runs its Triton kernel on CUDA tensors and the plain-torch reference (kernels/reference.py,
+same signature) everywhere else. The model never chooses an implementation itself.
+
+The Triton modules are imported lazily, on the first CUDA call: ``triton.jit`` reads TRITON_INTERPRET
+when a kernel is decorated, and the CPU engine should neither depend on that nor pay for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from kernels.reference import (
+    apply_rope_ref,
+    fused_add_rms_norm_ref,
+    paged_attention_ref,
+    rms_norm_ref,
+    silu_and_mul_ref,
+    write_kv_ref,
+)
+
+_modules: dict[str, ModuleType] = {}
+
+
+def _triton(name: str) -> ModuleType:
+    module = _modules.get(name)
+    if module is None:
+        module = _modules[name] = importlib.import_module(f"kernels.triton.{name}")
+    return module
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if key.is_cuda:
+        return _triton("kv_cache").write_kv(key, value, k_cache, v_cache, slot_mapping)
+    return write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if query.is_cuda:
+        return _triton("attention").paged_attention(
+            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out
+        )
+    return paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda:
+        return _triton("norm").rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.is_cuda:
+        return _triton("norm").fused_add_rms_norm(x, residual, weight, eps)
+    return fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        return _triton("activation").silu_and_mul(x)
+    return silu_and_mul_ref(x)
+
+
+def apply_rope(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> None:
+    if query.is_cuda:
+        return _triton("rope").apply_rope(positions, query, key, cos_sin_cache)
+    return apply_rope_ref(positions, query, key, cos_sin_cache)
