@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: install run test test-all lint format gpu-prepare clean
+.PHONY: install run serve test test-all lint format gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -37,3 +37,7 @@ format: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# On the lent GPU machine (see ../shared/device/README.md): python3 there is the image's.
+gpu-check:
+	python3 tests/gpu/gpu_check.py --out $${OUT:-out}

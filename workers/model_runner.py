@@ -35,10 +35,17 @@ class ModelRunner:
         self.vocab_size = vocab_size
         max_blocks = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_seqs, max_model_len, max_blocks)
+        self.max_blocks_per_seq = max_blocks
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: CudaGraphs | None = None
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cpu":
+            return tensor
+        # Pinned staging (torch's caching host allocator) makes the copy asynchronous: a
+        # pageable copy would wait for the GPU queue to drain, a hidden sync every step.
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ state
     def update_states(self, so: SchedulerOutput) -> None:
@@ -88,11 +95,16 @@ class ModelRunner:
             max_query_len=int(num_sched.max()),
             max_seq_len=int(seq_lens.max()),
         )
-        hidden = self.model(self._to_device(input_ids), self._to_device(positions), self.kv_caches, meta)
         if not samples.any():
+            self.model(self._to_device(input_ids), self._to_device(positions), self.kv_caches, meta)
             return EMPTY_MODEL_RUNNER_OUTPUT
         sample_idx = np.nonzero(samples)[0]
-        logits = self.model.compute_logits(hidden[self._to_device(query_start[1:][sample_idx] - 1)])
+        is_decode = total == len(rows) and bool(samples.all())
+        if is_decode and self.graphs is not None and self.graphs.fits(total):
+            logits = self.graphs.run(input_ids, positions, slot_mapping, block_tables, seq_lens)
+        else:
+            hidden = self.model(self._to_device(input_ids), self._to_device(positions), self.kv_caches, meta)
+            logits = self.model.compute_logits(hidden[self._to_device(query_start[1:][sample_idx] - 1)])
         sample_states = [states[i] for i in sample_idx]
         out = sample(logits, self._sampling_metadata(sample_states))
 
@@ -114,24 +126,64 @@ class ModelRunner:
                     )
         return result
 
+    # ------------------------------------------------------------------ memory profile
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int) -> None:
+        """One forward pass of ``num_tokens`` prompt tokens spread over up to max_num_seqs
+        sequences, then sampling for every sequence with top-p on: the activation peak that the
+        KV cache must leave room for. KV writes are skipped (slot -1) into a one-block cache."""
+        num_seqs = max(1, min(len(self.batch.num_tokens), num_tokens))
+        q_lens = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
+        q_lens[: num_tokens % num_seqs] += 1
+        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=query_start[1:])
+        positions = np.concatenate([np.arange(n) for n in q_lens])
+        width = -(-int(q_lens.max()) // self.block_size)
+        m = self.model.args
+        heads = self.model.layers[0].self_attn.num_kv_heads
+        dummy_cache = torch.zeros(
+            (2, 1, self.block_size, heads, m.head_dim), dtype=next(self.model.parameters()).dtype, device=self.device
+        )
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(np.full(num_tokens, -1, dtype=np.int64)),
+            block_tables=self._to_device(np.zeros((num_seqs, width), dtype=np.int32)),
+            seq_lens=self._to_device(q_lens.astype(np.int32)),
+            query_start_loc=self._to_device(query_start.astype(np.int32)),
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(q_lens.max()),
+        )
+        input_ids = self._to_device(np.zeros(num_tokens, dtype=np.int64))
+        hidden = self.model(input_ids, self._to_device(positions), [dummy_cache] * len(self.model.layers), meta)
+        logits = self.model.compute_logits(hidden[self._to_device(query_start[1:] - 1)])
+        md = SamplingMetadata(
+            temperature=torch.ones(num_seqs, device=self.device),
+            all_greedy=False,
+            top_p=torch.full((num_seqs,), 0.9, device=self.device),
+            max_num_logprobs=5,
+        )
+        sample(logits, md)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture_cuda_graphs(self) -> list[int]:
+        self.graphs = CudaGraphs(self, capture_sizes(len(self.batch.num_tokens)))
+        return self.graphs.sizes
+
     # ------------------------------------------------------------------ sampling inputs
     def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
         batch = self.batch
         params = [s.sampling_params for s in states]
-        dev = self.device
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-        md = SamplingMetadata(temperature=temperature, all_greedy=all(p.is_greedy for p in params))
+        to_dev = self._to_device
+        temperature = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
+        md = SamplingMetadata(temperature=to_dev(temperature), all_greedy=all(p.is_greedy for p in params))
         if any(p.top_k > 0 for p in params):
-            md.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
+            md.top_k = to_dev(np.array([p.top_k for p in params], dtype=np.int64))
         if any(p.top_p < 1.0 for p in params):
-            md.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            md.top_p = to_dev(np.array([p.top_p for p in params], dtype=np.float32))
         if any(p.min_p > 0.0 for p in params):
-            md.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+            md.min_p = to_dev(np.array([p.min_p for p in params], dtype=np.float32))
         num_outputs = [int(batch.num_tokens[s.row]) - s.num_prompt_tokens for s in states]
         md.seeded_rows = [
-            (i, p.seed, num_outputs[i])
-            for i, p in enumerate(params)
-            if p.seed is not None and not p.is_greedy
+            (i, p.seed, num_outputs[i]) for i, p in enumerate(params) if p.seed is not None and not p.is_greedy
         ]
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
             self._penalty_inputs(md, states)
@@ -147,19 +199,18 @@ class ModelRunner:
                 for token_id in blocked:
                     rows.append(i), tokens.append(token_id), values.append(float("-inf"))
         if rows:
-            md.bias_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
-            md.bias_tokens = torch.tensor(tokens, dtype=torch.int64, device=dev)
-            md.bias_values = torch.tensor(values, dtype=torch.float32, device=dev)
+            md.bias_rows = to_dev(np.array(rows, dtype=np.int64))
+            md.bias_tokens = to_dev(np.array(tokens, dtype=np.int64))
+            md.bias_values = to_dev(np.array(values, dtype=np.float32))
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         md.max_num_logprobs = max(wanted) if wanted else None
         return md
 
     def _penalty_inputs(self, md: SamplingMetadata, states: list[RequestState]) -> None:
         params = [s.sampling_params for s in states]
-        dev = self.device
-        md.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
-        md.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
-        md.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
+        md.presence_penalty = self._to_device(np.array([p.presence_penalty for p in params], dtype=np.float32))
+        md.frequency_penalty = self._to_device(np.array([p.frequency_penalty for p in params], dtype=np.float32))
+        md.repetition_penalty = self._to_device(np.array([p.repetition_penalty for p in params], dtype=np.float32))
         prompts = [self.batch.prompt_token_ids(s) for s in states]
         # The token being sampled now is not yet in the batch; outputs are everything after the prompt.
         outputs = [self.batch.output_token_ids(s) for s in states]
@@ -172,3 +223,92 @@ def _pad(seqs: list[np.ndarray], fill: int) -> np.ndarray:
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
     return out
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes with a captured graph: 1, 2, 4, 8, then every 8 up to 256, every 16
+    beyond; a batch runs in the smallest graph that holds it."""
+    limit = min(max_num_seqs, 512)
+    sizes = [s for s in (1, 2, 4) if s < limit]
+    sizes += list(range(8, min(limit, 256) + 1, 8)) + list(range(272, limit + 1, 16))
+    if not sizes or sizes[-1] < limit:
+        sizes.append(limit)
+    return sizes
+
+
+class CudaGraphs:
+    """Decode steps (one token per sequence) replayed from CUDA graphs captured per padded batch
+    size. All inputs live in static device buffers filled before each replay; padding sequences
+    have no query tokens and padding tokens write to slot -1, so the kernels skip them."""
+
+    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
+        self.runner = runner
+        self.sizes = sizes
+        dev = runner.device
+        n = sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros((n, runner.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+        # Hidden states, not logits, are the graph outputs: one [size, vocab] buffer per captured
+        # size would pin ~1 GB of pool memory for a 128k vocabulary.
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for size in reversed(sizes):  # largest first: smaller graphs reuse its pool memory
+                self._set_dummy(size)
+                self._forward(size)  # warm-up compiles every kernel variant outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.hidden[size] = self._forward(size)
+                self.graphs[size] = graph
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        torch.cuda.synchronize(dev)
+
+    def fits(self, batch: int) -> bool:
+        return batch <= self.sizes[-1]
+
+    def _set_dummy(self, size: int) -> None:
+        self.seq_lens[:size].fill_(1)
+        self.query_start_loc[: size + 1].copy_(torch.arange(size + 1, dtype=torch.int32))
+        self.slot_mapping[:size].fill_(-1)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables[:size],
+            seq_lens=self.seq_lens[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            max_query_len=1,
+            max_seq_len=self.runner.max_blocks_per_seq * self.runner.block_size,
+        )
+        return self.runner.model(self.input_ids[:size], self.positions[:size], self.runner.kv_caches, meta)
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        block_tables: np.ndarray,
+        seq_lens: np.ndarray,
+    ) -> torch.Tensor:
+        n = len(input_ids)
+        size = next(s for s in self.sizes if s >= n)
+        to_dev = self.runner._to_device
+        self.input_ids[:n].copy_(to_dev(input_ids), non_blocking=True)
+        self.positions[:n].copy_(to_dev(positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(to_dev(slot_mapping), non_blocking=True)
+        self.block_tables[:n, : block_tables.shape[1]].copy_(to_dev(block_tables), non_blocking=True)
+        self.seq_lens[:n].copy_(to_dev(seq_lens.astype(np.int32)), non_blocking=True)
+        if size > n:  # padding sequences: no query tokens, nothing written
+            self.seq_lens[n:size].zero_()
+            self.slot_mapping[n:size].fill_(-1)
+        starts = np.minimum(np.arange(size + 1), n).astype(np.int32)
+        self.query_start_loc[: size + 1].copy_(to_dev(starts), non_blocking=True)
+        self.graphs[size].replay()
+        return self.runner.model.compute_logits(self.hidden[size][:n])

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Without a memory profile (CPU), this much memory goes to the KV cache unless configured.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+# Left free for the CUDA-graph memory pool, which is filled after the KV cache is allocated.
+CUDA_GRAPH_RESERVE_BYTES = 512 << 20
 
 
 class Worker:
@@ -30,6 +32,10 @@ class Worker:
         self.rank = rank
         self.tp = tp or TPGroup()
         self.device = torch.device(config.device.device)
+        if self.device.type == "cuda":
+            # One GPU per rank (ranks of one host).
+            self.device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
         self.dtype = _DTYPES[config.model.dtype]
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
@@ -62,10 +68,38 @@ class Worker:
         return 2 * m.num_layers * self.config.cache.block_size * local_kv_heads * m.head_dim * elem
 
     def determine_num_blocks(self) -> int:
-        if self.device.type != "cpu":
-            raise NotImplementedError("KV sizing by memory profiling is only built for CPU so far")
-        budget = self.config.cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
-        return max(1, budget // self.kv_bytes_per_block)
+        """KV blocks that fit: a fixed budget on CPU; on CUDA, gpu_memory_utilization of the device
+        less the weights, the peak activations of a profiled forward pass at
+        max_num_batched_tokens, and what other allocators (CUDA context, NCCL) hold."""
+        explicit = self.config.cache.kv_cache_memory_bytes
+        if self.device.type == "cpu" or explicit:
+            budget = explicit or DEFAULT_CPU_KV_CACHE_BYTES
+            return max(1, budget // self.kv_bytes_per_block)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.runner.profile_run(self.config.scheduler.max_num_batched_tokens)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.cache.gpu_memory_utilization - peak - non_torch - CUDA_GRAPH_RESERVE_BYTES
+        num_blocks = int(budget // self.kv_bytes_per_block)
+        logger.info(
+            "memory profile: %.2f GiB total, %.2f GiB peak torch (weights + activations), %.2f GiB other, "
+            "%.2f GiB for the KV cache = %d blocks",
+            total / 2**30,
+            peak / 2**30,
+            non_torch / 2**30,
+            max(budget, 0) / 2**30,
+            num_blocks,
+        )
+        torch.cuda.empty_cache()
+        if num_blocks < 1:
+            raise ValueError(
+                f"no memory left for the KV cache at gpu_memory_utilization={self.config.cache.gpu_memory_utilization}"
+                f" (weights and activations peak at {peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB)"
+            )
+        return num_blocks
 
     def initialize_cache(self, num_blocks: int) -> None:
         m = self.config.model

@@ -245,8 +245,11 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
 
 
-def dummy_checkpoint(hf_config: dict[str, Any], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """A random checkpoint with HF tensor names (load_format='dummy'), reproducible from ``seed``.
+def dummy_checkpoint(
+    hf_config: dict[str, Any], seed: int, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A random checkpoint with HF tensor names (load_format='dummy'), reproducible from ``seed``
+    on a given device type (generated where it is used: 70B of random numbers is minutes of CPU).
 
     Generated at full size and loaded through the same sharding path as a real checkpoint, so
     every tensor-parallel size sees the same model, and HF transformers can load it too.
@@ -286,7 +289,7 @@ def dummy_checkpoint(hf_config: dict[str, Any], seed: int) -> Iterator[tuple[str
         shapes.append(("lm_head.weight", (args.vocab_size, h)))
     for index, (name, shape) in enumerate(shapes):
         if name.endswith("norm.weight"):
-            yield name, torch.ones(shape)
+            yield name, torch.ones(shape, device=device)
             continue
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
-        yield name, torch.empty(shape).uniform_(-0.05, 0.05, generator=gen)
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+        yield name, torch.empty(shape, device=device, dtype=torch.float32).uniform_(-0.05, 0.05, generator=gen)

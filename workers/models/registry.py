@@ -45,13 +45,14 @@ def build_model(
     finally:
         torch.set_default_dtype(previous)
     # The RoPE table stays fp32: positions up to 128k need the precision.
-    model.cos_sin_cache = model.cos_sin_cache.float()
+    model.cos_sin_cache = model.cos_sin_cache.to(device=device, dtype=torch.float32)
     return model
 
 
 def load_model_weights(model: torch.nn.Module, config: ModelConfig) -> None:
     if config.load_format == "dummy":
-        model.load_weights(dummy_checkpoint(config.hf_config, config.seed))
+        device = next(model.parameters()).device
+        model.load_weights(dummy_checkpoint(config.hf_config, config.seed, device))
         return
     from workers.loaders import iter_weights
     from workers.loaders.source import ModelSource
