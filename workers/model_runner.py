@@ -142,7 +142,9 @@ class ModelRunner:
         m = self.model.args
         heads = self.model.layers[0].self_attn.num_kv_heads
         dummy_cache = torch.zeros(
-            (2, 1, self.block_size, heads, m.head_dim), dtype=next(self.model.parameters()).dtype, device=self.device
+            (2, 1, self.block_size, heads, m.head_dim),
+            dtype=next(self.model.parameters()).dtype,
+            device=self.device,
         )
         meta = AttentionMetadata(
             slot_mapping=self._to_device(np.full(num_tokens, -1, dtype=np.int64)),
@@ -153,7 +155,9 @@ class ModelRunner:
             max_seq_len=int(q_lens.max()),
         )
         input_ids = self._to_device(np.zeros(num_tokens, dtype=np.int64))
-        hidden = self.model(input_ids, self._to_device(positions), [dummy_cache] * len(self.model.layers), meta)
+        hidden = self.model(
+            input_ids, self._to_device(positions), [dummy_cache] * len(self.model.layers), meta
+        )
         logits = self.model.compute_logits(hidden[self._to_device(query_start[1:] - 1)])
         md = SamplingMetadata(
             temperature=torch.ones(num_seqs, device=self.device),
@@ -183,7 +187,9 @@ class ModelRunner:
             md.min_p = to_dev(np.array([p.min_p for p in params], dtype=np.float32))
         num_outputs = [int(batch.num_tokens[s.row]) - s.num_prompt_tokens for s in states]
         md.seeded_rows = [
-            (i, p.seed, num_outputs[i]) for i, p in enumerate(params) if p.seed is not None and not p.is_greedy
+            (i, p.seed, num_outputs[i])
+            for i, p in enumerate(params)
+            if p.seed is not None and not p.is_greedy
         ]
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
             self._penalty_inputs(md, states)
@@ -208,9 +214,15 @@ class ModelRunner:
 
     def _penalty_inputs(self, md: SamplingMetadata, states: list[RequestState]) -> None:
         params = [s.sampling_params for s in states]
-        md.presence_penalty = self._to_device(np.array([p.presence_penalty for p in params], dtype=np.float32))
-        md.frequency_penalty = self._to_device(np.array([p.frequency_penalty for p in params], dtype=np.float32))
-        md.repetition_penalty = self._to_device(np.array([p.repetition_penalty for p in params], dtype=np.float32))
+        md.presence_penalty = self._to_device(
+            np.array([p.presence_penalty for p in params], dtype=np.float32)
+        )
+        md.frequency_penalty = self._to_device(
+            np.array([p.frequency_penalty for p in params], dtype=np.float32)
+        )
+        md.repetition_penalty = self._to_device(
+            np.array([p.repetition_penalty for p in params], dtype=np.float32)
+        )
         prompts = [self.batch.prompt_token_ids(s) for s in states]
         # The token being sampled now is not yet in the batch; outputs are everything after the prompt.
         outputs = [self.batch.output_token_ids(s) for s in states]
@@ -256,6 +268,7 @@ class CudaGraphs:
         # size would pin ~1 GB of pool memory for a 128k vocabulary.
         self.hidden: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays = 0  # how many steps ran from a graph (checked by the GPU tests)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -311,4 +324,5 @@ class CudaGraphs:
         starts = np.minimum(np.arange(size + 1), n).astype(np.int32)
         self.query_start_loc[: size + 1].copy_(to_dev(starts), non_blocking=True)
         self.graphs[size].replay()
+        self.replays += 1
         return self.runner.model.compute_logits(self.hidden[size][:n])

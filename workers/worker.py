@@ -82,7 +82,9 @@ class Worker:
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.cache.gpu_memory_utilization - peak - non_torch - CUDA_GRAPH_RESERVE_BYTES
+        budget = (
+            total * self.config.cache.gpu_memory_utilization - peak - non_torch - CUDA_GRAPH_RESERVE_BYTES
+        )
         num_blocks = int(budget // self.kv_bytes_per_block)
         logger.info(
             "memory profile: %.2f GiB total, %.2f GiB peak torch (weights + activations), %.2f GiB other, "
@@ -114,10 +116,22 @@ class Worker:
             num_blocks,
             num_blocks * self.kv_bytes_per_block / 2**20,
         )
+        if self.device.type == "cuda" and not self.config.device.enforce_eager:
+            start = time.perf_counter()
+            sizes = self.runner.capture_cuda_graphs()
+            logger.info(
+                "captured %d decode CUDA graphs (batch sizes up to %d) in %.1f s",
+                len(sizes),
+                sizes[-1],
+                time.perf_counter() - start,
+            )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
 
     def shutdown(self) -> None:
+        if self.runner is not None:  # free device memory now, not at the next GC cycle
+            self.runner.graphs = None
+            self.runner.kv_caches = []
         self.runner = None
         self.model = None

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -143,8 +144,14 @@ def compare_logits(name: str, length: int = 256) -> dict:
     return result
 
 
+def graph_replays(llm: LLM) -> int:
+    graphs = llm.engine.core.executor.worker.runner.graphs
+    return 0 if graphs is None else graphs.replays
+
+
 def greedy_vs_hf(name: str, num_prompts: int = 4, max_tokens: int = 32) -> dict:
-    _, theirs = build_pair(name, torch.float32)
+    ours, theirs = build_pair(name, torch.float32)
+    del ours
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 10000, size=int(rng.integers(16, 200))).tolist() for _ in range(num_prompts)]
     expected = []
@@ -160,6 +167,7 @@ def greedy_vs_hf(name: str, num_prompts: int = 4, max_tokens: int = 32) -> dict:
             )
             expected.append(out[0, len(p) :].tolist())
     del theirs
+    gc.collect()
     torch.cuda.empty_cache()
     results = {}
     for eager in (True, False):
@@ -177,8 +185,10 @@ def greedy_vs_hf(name: str, num_prompts: int = 4, max_tokens: int = 32) -> dict:
             prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
         )
         results["eager" if eager else "cuda_graphs"] = [o.outputs[0].token_ids for o in outs]
+        results["replays_" + ("eager" if eager else "cuda_graphs")] = graph_replays(llm)
         llm.shutdown()
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
     return {
         "preset": name,
@@ -187,7 +197,11 @@ def greedy_vs_hf(name: str, num_prompts: int = 4, max_tokens: int = 32) -> dict:
         "max_tokens": max_tokens,
         "eager_equals_hf": results["eager"] == expected,
         "graphs_equal_hf": results["cuda_graphs"] == expected,
-        "ok": results["eager"] == expected and results["cuda_graphs"] == expected,
+        "graph_replays": results["replays_cuda_graphs"],
+        "ok": results["eager"] == expected
+        and results["cuda_graphs"] == expected
+        and results["replays_cuda_graphs"] > 0
+        and results["replays_eager"] == 0,
     }
 
 
@@ -195,7 +209,7 @@ def graphs_vs_eager_bf16(name: str) -> dict:
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 10000, size=int(rng.integers(16, 300))).tolist() for _ in range(24)]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    tokens, timing = {}, {}
+    tokens, timing, replays = {}, {}, {}
     for eager in (True, False):
         start = time.perf_counter()
         llm = LLM(
@@ -213,6 +227,7 @@ def graphs_vs_eager_bf16(name: str) -> dict:
         outs = llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
         key = "eager" if eager else "cuda_graphs"
+        replays[key] = graph_replays(llm)
         timing[key] = {
             "ready_s": ready,
             "batch_s": time.perf_counter() - start,
@@ -221,6 +236,7 @@ def graphs_vs_eager_bf16(name: str) -> dict:
         tokens[key] = [o.outputs[0].token_ids for o in outs]
         llm.shutdown()
         del llm
+        gc.collect()
         torch.cuda.empty_cache()
     same = sum(a == b for a, b in zip(tokens["eager"], tokens["cuda_graphs"]))
     return {
@@ -229,7 +245,8 @@ def graphs_vs_eager_bf16(name: str) -> dict:
         "requests": len(prompts),
         "identical_requests": same,
         "timing": timing,
-        "ok": same == len(prompts),
+        "graph_replays": replays,
+        "ok": same == len(prompts) and replays["cuda_graphs"] > 0 and replays["eager"] == 0,
     }
 
 
