@@ -23,6 +23,14 @@ class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
         self.executor = executor if executor is not None else make_executor(config)
+        try:
+            self._init_cache()
+        except BaseException:
+            self.executor.shutdown()  # do not leave worker processes behind a failed start
+            raise
+
+    def _init_cache(self) -> None:
+        config = self.config
         num_blocks = config.cache.num_gpu_blocks_override or self.executor.determine_num_blocks()
         block_size = config.cache.block_size
         capacity = num_blocks * block_size

@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from core.engine_core import EngineCore
+from core.errors import EngineDeadError
 from ipc.config import EngineConfig
 from ipc.messages import (
     WIRE_SCHEMA_VERSION,
@@ -35,6 +36,7 @@ from ipc.messages import (
     UtilityCall,
     UtilityResult,
 )
+from ipc.process import use_thread_locks_for_progress_bars
 from ipc.serialization import Decoder, Encoder
 from ipc.zmq_utils import RequestType, make_socket, recv_message, send_message
 
@@ -50,6 +52,8 @@ INPUT_DECODERS = {
     RequestType.UTILITY: Decoder(UtilityCall),
     RequestType.SHUTDOWN: Decoder(Any),
 }
+# An internal input (never on the wire): a worker died; the message says which and how.
+_FAILED = "failed"
 # What the client may call through UTILITY messages.
 UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_stats", "ping"})
 
@@ -88,6 +92,10 @@ class EngineCoreProc:
             self.ctx.term()
             return 1
         send_message(out_sock, encoder, RequestType.HANDSHAKE, self._handshake(self._facts()))
+        # A worker dying while the engine idles must surface now (e.g. /health), not at the next step.
+        register = getattr(self.engine.executor, "register_failure_callback", None)
+        if register is not None:
+            register(lambda error: self.inputs.put((_FAILED, str(error))))
         threads = [
             threading.Thread(target=self._input_loop, name="engine-input", daemon=True),
             threading.Thread(
@@ -210,6 +218,8 @@ class EngineCoreProc:
             self.outputs.put((RequestType.UTILITY_RESULT, self._utility(message)))
         elif request_type == RequestType.SHUTDOWN:
             return False
+        elif request_type == _FAILED:
+            raise EngineDeadError(message)
         return True
 
     def _utility(self, call: UtilityCall) -> UtilityResult:
@@ -238,6 +248,7 @@ def run_engine_core(
     """Entry point of the engine-core process (multiprocessing 'spawn' target)."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s [engine] %(name)s: %(message)s")
     _die_with_parent()
+    use_thread_locks_for_progress_bars()
     proc = EngineCoreProc(config, input_addr, output_addr)
 
     def on_signal(signum: int, frame: object) -> None:

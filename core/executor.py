@@ -1,6 +1,7 @@
 """The executor seam: the engine core hands a SchedulerOutput to the workers and gets rank 0's
 ModelRunnerOutput back. ``UniProcExecutor`` runs the single worker inside the engine-core process
-(the CPU path and the tests); the multi-process executor drops in behind the same interface."""
+(the CPU path and the tests); ``core.mp_executor.MultiprocExecutor`` runs one worker process per
+tensor-parallel rank behind the same interface."""
 
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ class Executor(Protocol):
 class UniProcExecutor:
     """One worker, in this process."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, worker_cls: type | None = None) -> None:
         from workers.worker import Worker  # the executor is the one place core starts a worker
 
-        self.worker = Worker(config, rank=0)
+        # worker_cls: a Worker subclass (benchmarks swap in a no-op model; tests a failing one).
+        self.worker = (worker_cls or Worker)(config, rank=0)
         self.worker.load_model()
 
     def determine_num_blocks(self) -> int:
@@ -48,9 +50,9 @@ class UniProcExecutor:
 
 
 def make_executor(config: EngineConfig) -> Executor:
+    """One worker process per rank for "mp" or any world size above 1; in-process for "uni"."""
     if config.parallel.world_size > 1 or config.parallel.distributed_executor_backend == "mp":
-        raise ValueError(
-            "tensor_parallel_size > 1 needs the multi-process executor, which is not built yet; "
-            "use tensor_parallel_size=1"
-        )
+        from core.mp_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config)
     return UniProcExecutor(config)

@@ -29,7 +29,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=256,
+        max_position_embeddings=4096,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
@@ -39,14 +39,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_llm(path: Path, **kwargs) -> AsyncLLM:
-    return AsyncLLM.create(
-        str(path),
-        skip_tokenizer_init=True,
-        max_model_len=256,
-        num_gpu_blocks_override=512,
-        block_size=8,
-        **kwargs,
-    )
+    settings = dict(skip_tokenizer_init=True, max_model_len=256, num_gpu_blocks_override=512, block_size=8)
+    return AsyncLLM.create(str(path), **{**settings, **kwargs})
+
+
+# Long enough that nothing finishes before the kill.
+LONG = dict(max_model_len=4096, num_gpu_blocks_override=4096)
 
 
 def delta(max_tokens: int, **kw) -> SamplingParams:
@@ -134,11 +132,11 @@ def test_task_cancellation_aborts_and_slow_consumers_get_merged_deltas(tiny_mode
 
 @pytest.mark.timeout(120)
 def test_engine_core_death_fails_every_request_fast(tiny_model_dir: Path) -> None:
-    llm = make_llm(tiny_model_dir)
+    llm = make_llm(tiny_model_dir, **LONG)
     pid = llm.client._proc.pid
 
     async def consume(i: int) -> None:
-        async for _ in llm.generate([1, 2, 3 + i], delta(250), f"doomed-{i}"):
+        async for _ in llm.generate([1, 2, 3 + i], delta(4000), f"doomed-{i}"):
             await asyncio.sleep(0.005)
 
     async def main() -> float:
@@ -162,3 +160,54 @@ def test_engine_core_death_fails_every_request_fast(tiny_model_dir: Path) -> Non
         llm.shutdown()
     assert elapsed < 5.0
     assert not llm.client._proc.is_alive()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(180)
+def test_worker_death_fails_every_request_and_leaves_nothing(tiny_model_dir: Path) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    llm = make_llm(tiny_model_dir, tensor_parallel_size=2, **LONG)
+    engine_pid = llm.client._proc.pid
+    workers = _children(engine_pid)
+    assert len(workers) == 2
+
+    async def consume(i: int) -> None:
+        async for _ in llm.generate([1, 2, 3 + i], delta(4000), f"doomed-{i}"):
+            await asyncio.sleep(0.005)
+
+    async def main() -> float:
+        tasks = [asyncio.create_task(consume(i)) for i in range(6)]
+        await asyncio.sleep(1.0)
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.monotonic()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        elapsed = time.monotonic() - killed
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        with pytest.raises(EngineDeadError):
+            async for _ in llm.generate([1], delta(2), "after"):
+                pass
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(main())
+    finally:
+        llm.shutdown()
+    assert elapsed < 5.0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in [engine_pid, *workers]):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in [engine_pid, *workers])
+    assert set(os.listdir("/dev/shm")) - shm_before == set()

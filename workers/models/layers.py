@@ -42,6 +42,20 @@ def _divide(a: int, b: int, what: str) -> int:
     return a // b
 
 
+def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
+    """Raise ValueError unless ``tp_size`` divides the query heads and divides, or is a multiple of,
+    the KV heads. The executor calls this before it starts worker processes, so a bad
+    tensor_parallel_size fails at once in the parent rather than in every rank."""
+    _divide(num_heads, tp_size, "number of attention heads")
+    if num_kv_heads >= tp_size:
+        _divide(num_kv_heads, tp_size, "number of KV heads")
+    elif tp_size % num_kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size ({tp_size}) must divide the number of KV heads ({num_kv_heads}) "
+            f"or be a multiple of it"
+        )
+
+
 def _set_loader(param: nn.Parameter, loader: Callable[..., None]) -> nn.Parameter:
     param.weight_loader = loader  # type: ignore[attr-defined]
     return param
@@ -85,17 +99,13 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(
         self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup
     ) -> None:
+        check_tp_heads(num_heads, num_kv_heads, tp.size)
         self.head_dim = head_dim
-        self.num_heads = _divide(num_heads, tp.size, "number of attention heads")
+        self.num_heads = num_heads // tp.size
         if num_kv_heads >= tp.size:
-            self.num_kv_heads = _divide(num_kv_heads, tp.size, "number of KV heads")
+            self.num_kv_heads = num_kv_heads // tp.size
             self.kv_replicas = 1
         else:
-            if tp.size % num_kv_heads:
-                raise ValueError(
-                    f"tensor_parallel_size ({tp.size}) must divide the number of KV heads ({num_kv_heads}) "
-                    f"or be a multiple of it"
-                )
             self.num_kv_heads = 1
             self.kv_replicas = tp.size // num_kv_heads
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size

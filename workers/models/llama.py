@@ -292,4 +292,7 @@ def dummy_checkpoint(
             yield name, torch.ones(shape, device=device)
             continue
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-        yield name, torch.empty(shape, device=device, dtype=torch.float32).uniform_(-0.05, 0.05, generator=gen)
+        yield (
+            name,
+            torch.empty(shape, device=device, dtype=torch.float32).uniform_(-0.05, 0.05, generator=gen),
+        )

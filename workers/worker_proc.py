@@ -1,0 +1,371 @@
+"""The worker process: one per tensor-parallel rank, started by core.mp_executor.MultiprocExecutor.
+
+Channels (every message is ``[kind byte, *ipc.serialization frames]``; the kind byte says which
+Decoder reads the rest, since the array_like wire structs carry no tag of their own)::
+
+    executor ──ShmRingWriter (1 writer, world_size readers)──▶ every rank
+                 EXECUTE  SchedulerOutput      every rank runs it; the collectives keep them in step
+                 UTILITY  UtilityCall          every rank runs it and answers
+    rank r   ──its own ShmRingWriter (1 reader: the executor)──▶ executor
+                 OUTPUT   ModelRunnerOutput    rank 0 only, one per EXECUTE
+                 RESULT   UtilityResult        every rank per UTILITY; any rank whose
+                                               execute_model raised (call_id EXECUTE_CALL_ID)
+    rank r   ──multiprocessing Pipe (startup, then parent-death detection)──▶ executor
+                 READY    Handshake            info carries the rank's reply-ring handle
+                 FAILED   UtilityResult        the startup error (type, message, traceback)
+
+Why a reply ring rather than a ZeroMQ PUSH socket: the reply sits on the critical path of every
+step, and the ring answers in one shared-memory hop (microseconds while the executor spins, one
+FIFO write when it sleeps), where ZeroMQ adds two I/O-thread hops (measured ~0.45 ms against
+~0.08 ms on the dev box; see ipc/shm_ring.py). The price is a shm segment owned by the worker:
+a worker that dies hard cannot unlink it, so the executor removes it after the worker has gone
+(:func:`remove_ring_files`).
+
+A failure in ``execute_model`` leaves this rank's persistent batch, and possibly a collective, half
+done, so it is fatal: the rank reports the traceback on its reply ring and exits with code 1. The
+executor turns that report (or, if a peer of the failing rank notices first, the exit) into
+WorkerDiedError. A failing utility call is answered with its error and the worker carries on.
+
+The process exits by itself when the executor closes the broadcast ring (the orderly way), when
+the executor's process dies (the ring reader sees its writer go; the startup pipe reads EOF; the
+parent pid changes), and on SIGTERM. SIGINT is ignored: Ctrl-C reaches the whole process group,
+and the parent owns the orderly shutdown.
+"""
+
+from __future__ import annotations
+
+import _posixshmem
+import contextlib
+import enum
+import glob
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgspec
+
+from ipc.config import EngineConfig
+from ipc.process import use_thread_locks_for_progress_bars
+from ipc.messages import WIRE_SCHEMA_VERSION, Handshake, SchedulerOutput, UtilityCall, UtilityResult
+from ipc.serialization import Decoder, Encoder, WireError
+from ipc.shm_ring import RingClosed, RingHandle, ShmRingReader, ShmRingWriter
+
+logger = logging.getLogger(__name__)
+
+
+class MsgKind(enum.IntEnum):
+    """The first frame (one byte) of every executor <-> worker message."""
+
+    EXECUTE = 0  # SchedulerOutput, broadcast
+    UTILITY = 1  # UtilityCall, broadcast
+    OUTPUT = 2  # ModelRunnerOutput, rank 0 -> executor
+    RESULT = 3  # UtilityResult, any rank -> executor
+    READY = 4  # Handshake, startup pipe
+    FAILED = 5  # UtilityResult, startup pipe
+
+    @property
+    def frame(self) -> bytes:
+        return bytes((self.value,))
+
+
+EXECUTE_CALL_ID = -1  # call_id of the UtilityResult that reports a failed execute_model
+STARTUP_CALL_ID = -2  # call_id of the FAILED startup report
+
+# The reply ring: one small message per step (token ids; logprobs when asked), larger ones
+# take the ring's overflow path.
+REPLY_RING_SLOTS = 4
+REPLY_RING_SLOT_BYTES = 256 << 10
+
+# After the parent dies, how long the main thread gets to clean up after itself (it may be
+# inside a collective that only returns when a peer's connection drops) before a hard exit.
+_PARENT_DEATH_GRACE_S = 5.0
+_PARENT_POLL_S = 1.0
+
+
+def ring_spin_s(device: str) -> float:
+    """How long a ring reader spins before it sleeps, for readers on either side of the channel.
+
+    On CUDA the host mostly waits for the GPU, so spinning costs an otherwise idle core and saves a
+    wake-up per message. On CPU the cores do the model's work, and a waiter that spins through a
+    forward pass takes cycles from the very ranks it waits for: spin only across the short gaps
+    between steps (schedule + update), then sleep."""
+    return 0.05 if device == "cuda" else 0.002
+
+
+def check_parallel_config(config: EngineConfig) -> None:
+    """Refuse, before any process starts, a tensor-parallel size the model cannot be split by."""
+    from workers.models.layers import check_tp_heads
+
+    m = config.model
+    check_tp_heads(m.num_heads, m.num_kv_heads, config.parallel.tensor_parallel_size)
+
+
+def remove_ring_files(handle: RingHandle) -> bool:
+    """Unlink what a ring writer left behind (its segment, overflow segments, wake-up FIFOs) after
+    the writer's process has gone without closing it. Returns whether anything was left.
+
+    Only for a writer that is dead: a live one still uses these names."""
+    removed = False
+    names = [handle.name]
+    if os.path.isdir("/dev/shm"):  # overflow segments are named "<ring>_o<slot>_<generation>"
+        names += [os.path.basename(p) for p in glob.glob(f"/dev/shm/{glob.escape(handle.name)}_o*")]
+    for name in names:
+        try:
+            _posixshmem.shm_unlink("/" + name)
+        except FileNotFoundError:
+            continue
+        removed = True
+        # The segment was registered with the resource tracker that this process tree shares;
+        # forget it there too, or the tracker warns about a leak (and unlinks again) at exit.
+        with contextlib.suppress(Exception):
+            resource_tracker.unregister("/" + name, "shared_memory")
+    if os.path.isdir(handle.wake_dir):
+        shutil.rmtree(handle.wake_dir, ignore_errors=True)
+        removed = True
+    return removed
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerProcArgs:
+    """Everything a worker process starts from (pickled once by multiprocessing 'spawn')."""
+
+    config: EngineConfig
+    rank: int
+    local_rank: int  # the device index on this host
+    world_size: int
+    dist_init_method: str  # torch.distributed rendezvous (file:// or tcp://), chosen by the executor
+    broadcast: RingHandle  # the executor's broadcast ring
+    conn: Connection  # startup reports out; EOF means the executor's process is gone
+    parent_pid: int
+    worker_cls: type | None = None  # workers.worker.Worker unless a test or benchmark swaps it
+    log_level: int = logging.WARNING
+    dist_timeout_s: float = 600.0
+
+
+class _Stop(BaseException):
+    """Raised by the SIGTERM handler: leave the loop and clean up (a BaseException, so that the
+    ``except Exception`` around execute_model does not report it as a model failure)."""
+
+
+class WorkerProc:
+    def __init__(self, args: WorkerProcArgs) -> None:
+        self.args = args
+        self.rank = args.rank
+        self.worker: Any = None
+        self.ring: ShmRingReader | None = None
+        self.reply: ShmRingWriter | None = None
+        self.reply_handle: RingHandle | None = None
+        self.dist_initialized = False
+        self._encoder = Encoder()
+        self._exiting = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        threading.Thread(target=self._watch_parent, name="parent-watch", daemon=True).start()
+        try:
+            try:
+                self._start()
+            except _Stop:
+                return 0
+            except BaseException as e:
+                logger.exception("worker rank %d failed to start", self.rank)
+                self._send_startup(
+                    MsgKind.FAILED,
+                    UtilityResult(
+                        call_id=STARTUP_CALL_ID,
+                        result={"type": type(e).__name__, "message": str(e)},
+                        error=traceback.format_exc(),
+                    ),
+                )
+                return 1
+            self._send_startup(
+                MsgKind.READY,
+                Handshake(
+                    wire_schema_version=WIRE_SCHEMA_VERSION,
+                    role="worker",
+                    pid=os.getpid(),
+                    info={"rank": self.rank, "reply_ring": self.reply_handle},
+                ),
+            )
+            try:
+                return self._loop()
+            except _Stop:
+                logger.info("worker rank %d: SIGTERM, exiting", self.rank)
+                return 0
+        finally:
+            # Already on the way out: a SIGTERM now (the parent watch sends one too) must not
+            # break off the cleanup half way.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            self._exiting.set()
+            self._cleanup()
+
+    def _start(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from workers.models.layers import TPGroup
+        from workers.worker import Worker
+
+        args = self.args
+        config = args.config
+        if config.device.device == "cuda":
+            torch.cuda.set_device(args.local_rank)
+        # Attach first: the executor's wait_for_readers counts this rank in once the FIFO is open.
+        self.ring = ShmRingReader(
+            args.broadcast, self.rank, decoder=Decoder(Any), spin_s=ring_spin_s(config.device.device)
+        )
+        tp = TPGroup()
+        if args.world_size > 1:
+            backend = "nccl" if config.device.device == "cuda" else "gloo"
+            kwargs: dict[str, Any] = {}
+            if backend == "nccl":
+                kwargs["device_id"] = torch.device("cuda", args.local_rank)
+            dist.init_process_group(
+                backend,
+                init_method=args.dist_init_method,
+                rank=self.rank,
+                world_size=args.world_size,
+                timeout=timedelta(seconds=args.dist_timeout_s),
+                **kwargs,
+            )
+            self.dist_initialized = True
+            tp = TPGroup(rank=self.rank, size=args.world_size, group=dist.group.WORLD)
+        worker_cls = args.worker_cls or Worker
+        self.worker = worker_cls(config, rank=self.rank, tp=tp)
+        self.worker.load_model()
+        self.reply = ShmRingWriter(
+            1,
+            n_slots=REPLY_RING_SLOTS,
+            slot_bytes=REPLY_RING_SLOT_BYTES,
+            encoder=self._encoder,
+            spin_s=ring_spin_s(config.device.device),
+        )
+        self.reply_handle = self.reply.handle
+
+    def _loop(self) -> int:
+        assert self.ring is not None and self.reply is not None
+        ring, reply, worker, rank = self.ring, self.reply, self.worker, self.rank
+        encoder = self._encoder
+        so_decoder: Decoder[SchedulerOutput] = Decoder(SchedulerOutput)
+        call_decoder: Decoder[UtilityCall] = Decoder(UtilityCall)
+        output_frame, result_frame = MsgKind.OUTPUT.frame, MsgKind.RESULT.frame
+        while True:
+            try:
+                frames = ring.dequeue_frames()
+            except RingClosed as e:
+                logger.info("worker rank %d: %s; exiting", rank, e)
+                return 0
+            kind = frames[0][0]
+            if kind == MsgKind.EXECUTE:
+                try:
+                    output = worker.execute_model(so_decoder.decode(frames[1:]))
+                except Exception:
+                    # Fatal (see the module docstring): report, then exit.
+                    logger.exception("worker rank %d: execute_model failed", rank)
+                    error = UtilityResult(call_id=EXECUTE_CALL_ID, error=traceback.format_exc())
+                    with contextlib.suppress(RingClosed, TimeoutError):
+                        reply.enqueue_frames([result_frame, *encoder.encode(error)], timeout=5.0)
+                    return 1
+                if rank == 0:
+                    reply.enqueue_frames([output_frame, *encoder.encode(output)])
+            elif kind == MsgKind.UTILITY:
+                call = call_decoder.decode(frames[1:])
+                result = self._run_utility(call)
+                reply.enqueue_frames([result_frame, *encoder.encode(result)])
+                if call.method == "shutdown" and result.error is None:
+                    return 0
+            else:
+                raise WireError(f"worker rank {rank}: unknown message kind {kind} on the broadcast ring")
+
+    def _run_utility(self, call: UtilityCall) -> UtilityResult:
+        try:
+            if call.method == "shutdown":
+                return UtilityResult(call_id=call.call_id)
+            method = None if call.method.startswith("_") else getattr(self.worker, call.method, None)
+            if not callable(method):
+                raise AttributeError(f"the worker has no method {call.method!r}")
+            return UtilityResult(call_id=call.call_id, result=method(*call.args))
+        except Exception:
+            logger.exception("worker rank %d: utility call %s failed", self.rank, call.method)
+            return UtilityResult(call_id=call.call_id, error=traceback.format_exc())
+
+    def _send_startup(self, kind: MsgKind, msg: msgspec.Struct) -> None:
+        frames = self._encoder.encode(msg)
+        if len(frames) != 1:
+            raise WireError("startup messages must not carry arrays")
+        try:
+            self.args.conn.send_bytes(kind.frame + bytes(frames[0]))
+        except OSError:
+            logger.warning("worker rank %d: the executor is gone; could not report %s", self.rank, kind.name)
+
+    def _cleanup(self) -> None:
+        # The reply ring first: it is the one thing here that would outlive us (in /dev/shm).
+        if self.reply is not None:
+            with contextlib.suppress(Exception):
+                self.reply.close()
+        if self.ring is not None:
+            with contextlib.suppress(Exception):
+                self.ring.close()
+        if self.worker is not None:
+            with contextlib.suppress(Exception):
+                self.worker.shutdown()
+        if self.dist_initialized:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ signals and the parent
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; let the cleanup finish
+        raise _Stop()
+
+    def _watch_parent(self) -> None:
+        """Exit when the executor's process dies, wherever the main thread is blocked."""
+        conn, parent_pid = self.args.conn, self.args.parent_pid
+        while not self._exiting.is_set():
+            try:
+                if conn.poll(_PARENT_POLL_S):
+                    conn.recv_bytes()  # the executor sends nothing: only EOF can arrive
+            except (EOFError, OSError):
+                break
+            if os.getppid() != parent_pid:
+                break
+        if self._exiting.is_set():
+            return
+        logger.warning("worker rank %d: the executor process %d is gone; exiting", self.rank, parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # the main thread cleans up, unless stuck in C code
+        deadline = time.monotonic() + _PARENT_DEATH_GRACE_S
+        while not self._exiting.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._exiting.is_set():
+            return
+        handle = self.reply_handle
+        if handle is not None:
+            remove_ring_files(handle)
+        os._exit(1)
+
+
+def worker_main(args: WorkerProcArgs) -> None:
+    """The process entry point (multiprocessing 'spawn' target); exits with the loop's code."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=args.log_level,
+            format=f"%(asctime)s %(levelname)s [worker rank {args.rank} pid %(process)d] %(name)s: %(message)s",
+        )
+    use_thread_locks_for_progress_bars()
+    raise SystemExit(WorkerProc(args).run())
