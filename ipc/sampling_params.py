@@ -59,6 +59,12 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, gc=False, kw_only=True)
             self.stop = [self.stop]
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias:
+            # OpenAI clients send token ids as JSON object keys, i.e. strings.
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError("logit_bias keys must be token ids (integers)") from None
         self._validate()
 
     def _validate(self) -> None:

@@ -85,6 +85,10 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached[block_hash] = block
 
+    def uncache(self, block: KVBlock) -> None:
+        """Stop a block being findable by its hash (its KV is not what the hash says)."""
+        self._evict(block)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is in use."""
         if len(self._free) != self.num_blocks:

@@ -144,8 +144,13 @@ class KVCacheManager:
         """Release the request's blocks, tail first, so a chain's tail is evicted before its
         head (the head is more likely to be shared)."""
         blocks = self.req_to_blocks.pop(request.request_id, None)
-        self._num_published.pop(request.request_id, None)
+        num_published = self._num_published.pop(request.request_id, 0)
         if blocks:
+            # allocate_slots publishes the blocks a step will fill before the step runs. A request
+            # freed before that (preempted later in the same schedule()) never gets them computed:
+            # they must not stay findable, or a later hit reads KV that was never written.
+            for block in blocks[request.num_computed_tokens // self.block_size : num_published]:
+                self.pool.uncache(block)
             self.pool.free(list(reversed(blocks)))
 
     def reset_prefix_cache(self) -> bool:
