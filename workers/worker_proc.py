@@ -54,8 +54,8 @@ from typing import Any
 import msgspec
 
 from ipc.config import EngineConfig
-from ipc.process import use_thread_locks_for_progress_bars
 from ipc.messages import WIRE_SCHEMA_VERSION, Handshake, SchedulerOutput, UtilityCall, UtilityResult
+from ipc.process import use_thread_locks_for_progress_bars
 from ipc.serialization import Decoder, Encoder, WireError
 from ipc.shm_ring import RingClosed, RingHandle, ShmRingReader, ShmRingWriter
 
