@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 run: install
 	$(BIN)/python examples/offline_inference.py --model $(MODEL)
 
+# The OpenAI-compatible server on port 8000 (flags as `vllm serve`; add more with SERVE_ARGS=...).
+serve: install
+	$(BIN)/python -m frontend --model $(MODEL) $(SERVE_ARGS)
+
 test: install
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 

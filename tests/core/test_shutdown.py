@@ -1,0 +1,86 @@
+"""However the frontend process ends, no engine process and no shared memory outlive it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import transformers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from frontend.llm import LLM
+
+    if __name__ == "__main__":
+        llm = LLM({model!r}, skip_tokenizer_init=True, tensor_parallel_size=2, max_model_len=128,
+                  num_gpu_blocks_override=64)
+        llm.generate([[1, 2, 3]], use_tqdm=False)
+        pid = llm.engine.client._proc.pid
+        kids = open(f"/proc/{{pid}}/task/{{pid}}/children").read().split()
+        print("PIDS", pid, *kids, flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    path = tmp_path_factory.mktemp("tiny-shutdown")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_no_engine_process_outlives_the_frontend(tiny_model: Path, tmp_path: Path, how: signal.Signals) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    script = tmp_path / "frontend.py"
+    script.write_text(SCRIPT.format(root=str(ROOT), model=str(tiny_model)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids: list[int] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("PIDS"):
+                pids = [int(p) for p in line.split()[1:]]
+                break
+            if not line and proc.poll() is not None:
+                break
+        assert len(pids) == 3, "engine core and two workers"
+        os.kill(proc.pid, how)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (any(_alive(p) for p in pids) or set(os.listdir("/dev/shm")) - shm_before):
+            time.sleep(0.2)
+        assert not [p for p in pids if _alive(p)]
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
