@@ -58,7 +58,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_no_engine_process_outlives_the_frontend(tiny_model: Path, tmp_path: Path, how: signal.Signals) -> None:
+def test_no_engine_process_outlives_the_frontend(
+    tiny_model: Path, tmp_path: Path, how: signal.Signals
+) -> None:
     shm_before = set(os.listdir("/dev/shm"))
     script = tmp_path / "frontend.py"
     script.write_text(SCRIPT.format(root=str(ROOT), model=str(tiny_model)))
@@ -77,7 +79,9 @@ def test_no_engine_process_outlives_the_frontend(tiny_model: Path, tmp_path: Pat
         os.kill(proc.pid, how)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (any(_alive(p) for p in pids) or set(os.listdir("/dev/shm")) - shm_before):
+        while time.monotonic() < deadline and (
+            any(_alive(p) for p in pids) or set(os.listdir("/dev/shm")) - shm_before
+        ):
             time.sleep(0.2)
         assert not [p for p in pids if _alive(p)]
         assert set(os.listdir("/dev/shm")) - shm_before == set()
