@@ -216,6 +216,9 @@ class Scheduler:
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    first_scheduled_time=request.first_scheduled_time
+                    if request.num_output_tokens == 1
+                    else None,
                 )
             )
             if request.finish_reason is not None:

@@ -79,26 +79,30 @@ class RequestOutputCollector:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.tokenizer = tokenizer
-        self.processor = InputProcessor(config.model, tokenizer)
-        self.output_processor = OutputProcessor(tokenizer)
         self._collectors: dict[str, RequestOutputCollector] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._early: list[EngineCoreOutputs | EngineDead] = []
         self.stats_listeners: list[Callable[[SchedulerStats], None]] = []
-        self.client = EngineCoreClient(config, self._on_engine_item)
         self.dead_reason: str | None = None
+        # The engine loads the model in its process while this one loads the tokenizer.
+        self.client = EngineCoreClient(config, self._on_engine_item, wait=False)
+        try:
+            mc = config.model
+            self.tokenizer: Tokenizer | None = None
+            if not mc.skip_tokenizer_init:
+                self.tokenizer = load_tokenizer(Path(mc.path), mc.format, mc.tokenizer, mc.chat_template)
+            self.processor = InputProcessor(mc, self.tokenizer)
+            self.output_processor = OutputProcessor(self.tokenizer)
+            self.client.wait_until_ready()
+        except BaseException:
+            self.client.shutdown()
+            raise
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
-        config = args.create_engine_config()
-        mc = config.model
-        tokenizer = None
-        if not mc.skip_tokenizer_init:
-            tokenizer = load_tokenizer(Path(mc.path), mc.format, mc.tokenizer, mc.chat_template)
-        return cls(config, tokenizer)
+        return cls(args.create_engine_config())
 
     @classmethod
     def create(cls, model: str = DEFAULT_MODEL, **engine_kwargs: Any) -> AsyncLLM:

@@ -54,8 +54,14 @@ class EngineDead:
 
 class EngineCoreClient:
     def __init__(
-        self, config: EngineConfig, on_output: Callable[[EngineCoreOutputs | EngineDead], None]
+        self,
+        config: EngineConfig,
+        on_output: Callable[[EngineCoreOutputs | EngineDead], None],
+        *,
+        wait: bool = True,
     ) -> None:
+        """Start the engine-core process; with ``wait=False`` the caller does other start-up work
+        (loading the tokenizer) while the engine loads, then calls wait_until_ready()."""
         self.config = config
         self._on_output = on_output
         self._ipc_dir = IpcDir()
@@ -77,6 +83,14 @@ class EngineCoreClient:
             daemon=False,
         )
         self._proc.start()
+        self.info: dict[str, Any] = {}
+        if wait:
+            self.wait_until_ready()
+
+    def wait_until_ready(self) -> None:
+        """Block until the engine core has loaded the model and sized its KV cache."""
+        if self.info:
+            return
         try:
             self.info = self._handshake()
         except BaseException:
@@ -187,7 +201,9 @@ class EngineCoreClient:
             return
         self._closing.set()
         atexit.unregister(self.shutdown)
-        if self._proc.is_alive() and self.dead_reason is None:
+        if not self.info:  # still starting: nothing to drain, do not wait for the model to load
+            self._proc.terminate()
+        elif self._proc.is_alive() and self.dead_reason is None:
             try:
                 with self._send_lock:
                     send_message(self._input, self._encoder, RequestType.SHUTDOWN, None, timeout=1.0)

@@ -54,7 +54,10 @@ class _ProcessEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self._outputs: queue.Queue[EngineCoreOutputs | EngineDead] = queue.Queue()
-        self.client = EngineCoreClient(config, self._outputs.put)
+        self.client = EngineCoreClient(config, self._outputs.put, wait=False)
+
+    def wait_until_ready(self) -> None:
+        self.client.wait_until_ready()
         self.kv_capacity_tokens = self.client.info["kv_capacity_tokens"]
 
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -82,6 +85,9 @@ class _InProcessEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.core = EngineCore(config)
         self.kv_capacity_tokens = self.core.kv_capacity_tokens
+
+    def wait_until_ready(self) -> None:
+        pass
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.core.add_request(request)
@@ -119,10 +125,16 @@ class LLM:
         args = EngineArgs.from_kwargs(model=model, **engine_kwargs)
         self.config = args.create_engine_config()
         mc = self.config.model
-        self.tokenizer: Tokenizer | None = None
-        if not mc.skip_tokenizer_init:
-            self.tokenizer = load_tokenizer(Path(mc.path), mc.format, mc.tokenizer, mc.chat_template)
+        # The engine process loads the model while this one loads the tokenizer.
         self.engine = _ProcessEngine(self.config) if engine_process else _InProcessEngine(self.config)
+        try:
+            self.tokenizer: Tokenizer | None = None
+            if not mc.skip_tokenizer_init:
+                self.tokenizer = load_tokenizer(Path(mc.path), mc.format, mc.tokenizer, mc.chat_template)
+            self.engine.wait_until_ready()
+        except BaseException:
+            self.engine.shutdown()
+            raise
         self.stats = EngineStats()
         self.processor = InputProcessor(mc, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -162,6 +162,8 @@ class OutputProcessor:
             if parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
             parent.metrics.last_token_time = now
+        if out.first_scheduled_time is not None and parent.metrics.first_scheduled_time is None:
+            parent.metrics.first_scheduled_time = out.first_scheduled_time
         child.token_ids.extend(out.new_token_ids)
         child.num_cached_tokens = out.num_cached_tokens
         if child.logprobs is not None and out.new_logprobs:

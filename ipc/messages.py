@@ -18,7 +18,7 @@ import msgspec
 
 from ipc.sampling_params import SamplingParams
 
-WIRE_SCHEMA_VERSION = 2
+WIRE_SCHEMA_VERSION = 3
 
 
 class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
@@ -63,6 +63,7 @@ class EngineCoreOutput(_Wire):
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # with FinishReason.ERROR: why the engine refused or failed it
+    first_scheduled_time: float | None = None  # set on a request's first output (queue time)
 
     @property
     def finished(self) -> bool:
