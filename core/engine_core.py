@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 
-from core.executor import Executor, make_executor
+from core.executor import Executor, PendingOutput, make_executor
 from core.kv_cache.manager import KVCacheManager
 from core.request import Request
 from core.scheduler import Scheduler
 from ipc.config import EngineConfig
-from ipc.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason
+from ipc.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
         self.executor = executor if executor is not None else make_executor(config)
+        self._async = config.scheduler.async_scheduling and hasattr(self.executor, "execute_model_async")
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
         try:
             self._init_cache()
         except BaseException:
@@ -91,14 +93,31 @@ class EngineCore:
         ]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> EngineCoreOutputs:
-        if not self.scheduler.has_unfinished_requests():
-            return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats(), timestamp=time.time())
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        """schedule -> execute -> update. With async scheduling, step N+1 is scheduled and
+        launched before step N's tokens are waited for, so the CPU work of one overlaps the GPU
+        work of the other; outputs then trail the launch by one step."""
+        if not self._async:
+            outputs = []
+            if self.scheduler.has_unfinished_requests():
+                scheduler_output = self.scheduler.schedule()
+                runner_output = self.executor.execute_model(scheduler_output)
+                outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+            return self._outputs(outputs)
+        launched = None
+        if self.scheduler.has_unfinished_requests():
+            scheduler_output = self.scheduler.schedule()
+            launched = (scheduler_output, self.executor.execute_model_async(scheduler_output))
+        outputs = []
+        if self._in_flight is not None:
+            previous_output, pending = self._in_flight
+            outputs = self.scheduler.update_from_output(previous_output, pending.result())
+        self._in_flight = launched
+        return self._outputs(outputs)
+
+    def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         return EngineCoreOutputs(
             outputs=outputs, scheduler_stats=self.scheduler.make_stats(), timestamp=time.time()
         )

@@ -14,6 +14,12 @@ from ipc.messages import ModelRunnerOutput, SchedulerOutput
 logger = logging.getLogger(__name__)
 
 
+class PendingOutput(Protocol):
+    """A launched step; ``result()`` blocks until its tokens are on the host."""
+
+    def result(self) -> ModelRunnerOutput: ...
+
+
 class Executor(Protocol):
     def determine_num_blocks(self) -> int:
         """How many KV blocks fit in the memory budget (the minimum over ranks)."""
@@ -44,6 +50,9 @@ class UniProcExecutor:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        return self.worker.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         self.worker.shutdown()

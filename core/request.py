@@ -32,6 +32,9 @@ class Request:
     # Prompt tokens that came from the prefix cache at the first admission.
     num_cached_tokens: int = -1
     num_preemptions: int = 0
+    # Tokens being sampled by steps in flight (async scheduling): scheduled as inputs of the next
+    # step before their values are known on the host.
+    num_output_placeholders: int = 0
     # Hashes of the full blocks of all_token_ids so far (the prefix-cache chain), append-only.
     block_hashes: list[bytes] = field(default_factory=list)
     finish_reason: FinishReason | None = None

@@ -98,7 +98,13 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if budget == 0:
                 break
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            pending = request.num_output_placeholders
+            if pending and (
+                request.num_output_tokens + pending >= request.max_tokens
+                or request.num_tokens + pending >= self.config.max_model_len
+            ):
+                continue  # the token in flight is its last: nothing more to schedule
+            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
             while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
@@ -173,11 +179,14 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=drops,
         )
-        # Advance now, so the next schedule() can already hand out the following chunk.
+        # Advance now, so the next schedule() can already hand out the following chunk (and, with
+        # async scheduling, the token this step will sample).
         for request_id, n in num_scheduled.items():
             request = self.requests[request_id]
             self._num_prompt_tokens += max(0, min(request.num_prompt_tokens - request.num_computed_tokens, n))
             request.num_computed_tokens += n
+            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1
         return output
 
     def _choose_victim(self) -> Request:
@@ -202,8 +211,11 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         for request_id, token_id in zip(runner_output.req_ids, runner_output.sampled_token_ids):
             request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            if request is None or request.is_finished:
                 continue  # aborted while the step ran
+            request.num_output_placeholders -= 1
+            # A request preempted while its token was in flight still gets it: the token was
+            # sampled from the right context, and the resume recomputes it like any other.
             request.output_token_ids.append(token_id)
             self._num_generation_tokens += 1
             logprobs = runner_output.logprobs.get(request_id)
@@ -222,7 +234,10 @@ class Scheduler:
                 )
             )
             if request.finish_reason is not None:
-                self.running.remove(request)
+                if request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                else:
+                    self.waiting.remove(request)
                 self._free_request(request)
         return outputs
 

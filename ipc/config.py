@@ -62,6 +62,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
+    # Schedule step N+1 while step N runs (executors that support it); off = strictly sequential.
+    async_scheduling: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import torch
 from ipc.messages import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from workers.input_batch import InputBatch, RequestState
 from workers.models.llama import AttentionMetadata
-from workers.sampler import SamplingMetadata, sample
+from workers.sampler import SamplerOutput, SamplingMetadata, sample
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class ModelRunner:
         self.max_blocks_per_seq = max_blocks
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphs | None = None
+        self._last: PendingStep | None = None  # the most recent step that sampled
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -60,14 +61,25 @@ class ModelRunner:
             self.batch.append_blocks(req_id, block_ids, computed)
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(so).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, so: SchedulerOutput) -> PendingStep:
+        """Launch the step and return at once; ``result()`` waits for the sampled tokens.
+
+        Tokens sampled by the previous step may still be on their way to the host: a position
+        whose token is not known here yet (``position == num_tokens`` of its row) takes its
+        input id from the previous step's sampled-token tensor, on the device.
+        """
         self.update_states(so)
         if so.total_num_scheduled_tokens == 0:
-            return EMPTY_MODEL_RUNNER_OUTPUT
+            return PendingStep.empty()
         batch = self.batch
         req_ids = list(so.num_scheduled_tokens)
         states = [batch.states[r] for r in req_ids]
+        if self._last is not None and any(_needs_history(s.sampling_params) for s in states):
+            self._last.result()  # penalties need every output token on the host
         rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
         num_sched = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(states))
         computed = batch.num_computed[rows]
@@ -77,15 +89,21 @@ class ModelRunner:
         token_req = np.repeat(np.arange(len(rows)), num_sched)
         positions = computed[token_req] + (np.arange(total) - query_start[token_req])
         token_rows = rows[token_req]
-        input_ids = batch.token_ids[token_rows, positions]
+        input_ids = batch.token_ids[token_rows, np.minimum(positions, batch.max_model_len - 1)]
         seq_lens = computed + num_sched
         bs = self.block_size
         slot_mapping = batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         max_blocks = -(-int(seq_lens.max()) // bs)
         block_tables = np.ascontiguousarray(batch.block_table[rows, :max_blocks])
-        # A request samples when this step reaches the end of its known tokens.
+        # A request samples when this step reaches the end of its tokens (known or in flight).
         samples = seq_lens >= batch.num_tokens[rows]
         batch.num_computed[rows] = seq_lens
+        input_ids_dev = self._to_device(input_ids)
+        in_flight = np.nonzero(positions >= batch.num_tokens[token_rows])[0]
+        if len(in_flight):
+            prev = self._last
+            src = [prev.index_of[states[token_req[t]].req_id] for t in in_flight]
+            input_ids_dev[self._to_device(in_flight)] = prev.token_ids_dev[self._to_device(np.array(src))]
 
         meta = AttentionMetadata(
             slot_mapping=self._to_device(slot_mapping),
@@ -96,35 +114,22 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
         )
         if not samples.any():
-            self.model(self._to_device(input_ids), self._to_device(positions), self.kv_caches, meta)
-            return EMPTY_MODEL_RUNNER_OUTPUT
+            self.model(input_ids_dev, self._to_device(positions), self.kv_caches, meta)
+            return PendingStep.empty()
         sample_idx = np.nonzero(samples)[0]
         is_decode = total == len(rows) and bool(samples.all())
         if is_decode and self.graphs is not None and self.graphs.fits(total):
-            logits = self.graphs.run(input_ids, positions, slot_mapping, block_tables, seq_lens)
+            logits = self.graphs.run(input_ids_dev, positions, slot_mapping, block_tables, seq_lens)
         else:
-            hidden = self.model(self._to_device(input_ids), self._to_device(positions), self.kv_caches, meta)
+            hidden = self.model(input_ids_dev, self._to_device(positions), self.kv_caches, meta)
             logits = self.model.compute_logits(hidden[self._to_device(query_start[1:][sample_idx] - 1)])
         sample_states = [states[i] for i in sample_idx]
         out = sample(logits, self._sampling_metadata(sample_states))
-
-        token_ids = out.token_ids.tolist()  # the step's one device->host sync
-        for state, token_id in zip(sample_states, token_ids):
-            batch.append_token(state.row, token_id)
-        result = ModelRunnerOutput(req_ids=[s.req_id for s in sample_states], sampled_token_ids=token_ids)
-        if out.logprobs is not None:
-            lp_ids, lps, ranks = (
-                out.logprob_token_ids.tolist(),
-                out.logprobs.tolist(),
-                out.sampled_ranks.tolist(),
-            )
-            for i, state in enumerate(sample_states):
-                k = state.sampling_params.logprobs
-                if k is not None:
-                    result.logprobs[state.req_id] = TokenLogprobs(
-                        token_ids=lp_ids[i][: k + 1], logprobs=lps[i][: k + 1], sampled_rank=ranks[i]
-                    )
-        return result
+        for state in sample_states:
+            batch.num_pending[state.row] += 1
+        step = PendingStep(self, sample_states, out)
+        self._last = step
+        return step
 
     # ------------------------------------------------------------------ memory profile
     @torch.inference_mode()
@@ -185,7 +190,11 @@ class ModelRunner:
             md.top_p = to_dev(np.array([p.top_p for p in params], dtype=np.float32))
         if any(p.min_p > 0.0 for p in params):
             md.min_p = to_dev(np.array([p.min_p for p in params], dtype=np.float32))
-        num_outputs = [int(batch.num_tokens[s.row]) - s.num_prompt_tokens for s in states]
+        # Tokens still in flight count: the seed position and min_tokens must not depend on
+        # whether the previous step's tokens have reached the host yet.
+        num_outputs = [
+            int(batch.num_tokens[s.row] + batch.num_pending[s.row]) - s.num_prompt_tokens for s in states
+        ]
         md.seeded_rows = [
             (i, p.seed, num_outputs[i])
             for i, p in enumerate(params)
@@ -304,7 +313,7 @@ class CudaGraphs:
 
     def run(
         self,
-        input_ids: np.ndarray,
+        input_ids: torch.Tensor,
         positions: np.ndarray,
         slot_mapping: np.ndarray,
         block_tables: np.ndarray,
@@ -313,7 +322,7 @@ class CudaGraphs:
         n = len(input_ids)
         size = next(s for s in self.sizes if s >= n)
         to_dev = self.runner._to_device
-        self.input_ids[:n].copy_(to_dev(input_ids), non_blocking=True)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(to_dev(positions), non_blocking=True)
         self.slot_mapping[:n].copy_(to_dev(slot_mapping), non_blocking=True)
         self.block_tables[:n, : block_tables.shape[1]].copy_(to_dev(block_tables), non_blocking=True)
@@ -326,3 +335,69 @@ class CudaGraphs:
         self.graphs[size].replay()
         self.replays += 1
         return self.runner.model.compute_logits(self.hidden[size][:n])
+
+
+def _needs_history(params) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+
+
+class PendingStep:
+    """A launched step whose sampled tokens are being copied to the host.
+
+    ``result()`` waits for them (the step's one device-to-host sync), appends them to the
+    persistent batch and builds the ModelRunnerOutput; it is idempotent.
+    """
+
+    def __init__(
+        self, runner: ModelRunner | None, states: list[RequestState], out: SamplerOutput | None
+    ) -> None:
+        self._runner = runner
+        self._states = states
+        self._result: ModelRunnerOutput | None = None if runner is not None else EMPTY_MODEL_RUNNER_OUTPUT
+        self.index_of = {s.req_id: i for i, s in enumerate(states)}
+        if out is None:
+            return
+        self.token_ids_dev = out.token_ids
+        self._logprobs = out
+        if out.token_ids.is_cuda:
+            self._host = torch.empty(out.token_ids.shape, dtype=out.token_ids.dtype, pin_memory=True)
+            self._host.copy_(out.token_ids, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = out.token_ids, None
+
+    @classmethod
+    def empty(cls) -> PendingStep:
+        return cls(None, [], None)
+
+    def result(self) -> ModelRunnerOutput:
+        if self._result is not None:
+            return self._result
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._host.tolist()
+        batch = self._runner.batch
+        for state, token_id in zip(self._states, token_ids):
+            if batch.states.get(state.req_id) is state:  # not dropped (aborted) meanwhile
+                batch.num_pending[state.row] -= 1
+                batch.append_token(state.row, token_id)
+        result = ModelRunnerOutput(req_ids=[s.req_id for s in self._states], sampled_token_ids=token_ids)
+        out = self._logprobs
+        if out.logprobs is not None:
+            lp_ids, lps, ranks = (
+                out.logprob_token_ids.tolist(),
+                out.logprobs.tolist(),
+                out.sampled_ranks.tolist(),
+            )
+            for i, state in enumerate(self._states):
+                k = state.sampling_params.logprobs
+                if k is not None:
+                    result.logprobs[state.req_id] = TokenLogprobs(
+                        token_ids=lp_ids[i][: k + 1], logprobs=lps[i][: k + 1], sampled_rank=ranks[i]
+                    )
+        self._result = result
+        if self._runner._last is self:
+            self._runner._last = None
+        self._logprobs = None
+        return result

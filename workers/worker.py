@@ -13,7 +13,7 @@ import torch
 
 from ipc.config import EngineConfig
 from ipc.messages import ModelRunnerOutput, SchedulerOutput
-from workers.model_runner import ModelRunner
+from workers.model_runner import ModelRunner, PendingStep
 from workers.models.layers import TPGroup
 from workers.models.registry import build_model, load_model_weights
 
@@ -128,6 +128,9 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        return self.runner.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         if self.runner is not None:  # free device memory now, not at the next GC cycle
