@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -57,7 +58,10 @@ def environment() -> dict[str, Any]:
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()})"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    info["git_commit"] = commit.stdout.strip() or "unknown"
+    # The GPU machine gets a copy of the tree without .git: the caller passes the commit along.
+    info["git_commit"] = (commit.stdout.strip() if commit.returncode == 0 else "") or os.environ.get(
+        "PAGEDSERVE_GIT_COMMIT", "unknown"
+    )
     return info
 
 

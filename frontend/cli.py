@@ -92,6 +92,12 @@ def build_parser(prog: str = "pagedserve serve") -> argparse.ArgumentParser:
         "--tokenizer", default=None, help="A tokenizer directory or .gguf file to use instead of the model's."
     )
     model.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="Load no tokenizer: prompts must be token ids, outputs carry no text, chat is refused "
+        "(for benchmarks on random-weight checkpoints without a tokenizer).",
+    )
+    model.add_argument(
         "--chat-template",
         default=None,
         help="A chat template (a file path, or the Jinja text itself) replacing the tokenizer's own.",
@@ -199,6 +205,7 @@ def parse_args(
         model=model,
         served_model_name=served[0],
         tokenizer=args.tokenizer,
+        skip_tokenizer_init=args.skip_tokenizer_init,
         chat_template=args.chat_template,
         dtype=args.dtype,
         load_format=args.load_format,

@@ -211,8 +211,15 @@ class _Completion:
                 self.cached_tokens[prompt_index] = output.num_cached_tokens
                 for completion in output.outputs:
                     choice = self._apply(prompt_index, completion)
-                    if not choice.text and choice.finish_reason is None and choice.logprobs is None:
-                        continue  # e.g. half of a multi-byte character: nothing to show yet
+                    if (
+                        not choice.text
+                        and choice.finish_reason is None
+                        and choice.logprobs is None
+                        and (self.state.engine.tokenizer is not None or not completion.token_ids)
+                    ):
+                        # e.g. half of a multi-byte character: nothing to show yet. Without a
+                        # tokenizer there is never text, and every token still gets its chunk.
+                        continue
                     yield sse_event(
                         CompletionResponse(
                             id=self.request_id,
