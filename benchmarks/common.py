@@ -57,11 +57,8 @@ def environment() -> dict[str, Any]:
         info["num_gpus"] = torch.cuda.device_count()
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()})"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     # The GPU machine gets a copy of the tree without .git: the caller passes the commit along.
-    info["git_commit"] = (commit.stdout.strip() if commit.returncode == 0 else "") or os.environ.get(
-        "PAGEDSERVE_GIT_COMMIT", "unknown"
-    )
+    info["git_commit"] = git("rev-parse", "HEAD") or os.environ.get("PAGEDSERVE_GIT_COMMIT", "unknown")
     return info
 
 
@@ -70,3 +67,25 @@ def write_result(path: str | Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for result records of CPU-side benchmarks)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git(*args: str) -> str:
+    """Output of a git command in the repo, or "" where there is no git (the GPU machine)."""
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""

@@ -33,7 +33,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.common import cpu_model, git  # noqa: E402
 from ipc.config import EngineConfig  # noqa: E402
 from ipc.messages import ModelRunnerOutput, SchedulerOutput  # noqa: E402
 from workers.worker import Worker  # noqa: E402
@@ -203,26 +203,6 @@ def _world_size(executor_name: str) -> int:
     return 1 if executor_name == "uni" else int(executor_name.split("-")[1])
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -280,7 +260,7 @@ def main() -> None:
         "host": socket.gethostname(),
         "device": {
             "kind": "cpu",
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "logical_cpus": os.cpu_count(),
             "usable_cpus": len(os.sched_getaffinity(0)),
             "machine": platform.machine(),
@@ -296,8 +276,8 @@ def main() -> None:
             "numpy": np.__version__,
         },
         "git": {
-            "commit": _git("rev-parse", "HEAD") or "none (no commit yet)",
-            "dirty": bool(_git("status", "--porcelain")),
+            "commit": git("rev-parse", "HEAD") or "none (no commit yet)",
+            "dirty": bool(git("status", "--porcelain")),
         },
         "params": vars(args),
         "results": [asdict(r) for r in results],

@@ -28,7 +28,6 @@ import os
 import platform
 import socket
 import struct
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.common import cpu_model, git  # noqa: E402
 from ipc.shm_ring import RingClosed, RingHandle, ShmRingReader, ShmRingWriter  # noqa: E402
 
 _STAMP = struct.Struct("<dII")  # send time, case id, sequence number
@@ -153,26 +153,6 @@ def _stats(us: np.ndarray) -> dict[str, float]:
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -252,7 +232,7 @@ def main() -> None:
         "host": socket.gethostname(),
         "device": {
             "kind": "cpu",
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "logical_cpus": os.cpu_count(),
             "usable_cpus": len(os.sched_getaffinity(0)),
             "machine": platform.machine(),
@@ -269,8 +249,8 @@ def main() -> None:
             "numpy": np.__version__,
         },
         "git": {
-            "commit": _git("rev-parse", "HEAD") or "none (no commit yet)",
-            "dirty": bool(_git("status", "--porcelain")),
+            "commit": git("rev-parse", "HEAD") or "none (no commit yet)",
+            "dirty": bool(git("status", "--porcelain")),
         },
         "params": vars(args),
         "results": [asdict(r) for r in results],
