@@ -132,12 +132,20 @@ class ModelRunner:
         return step
 
     # ------------------------------------------------------------------ memory profile
+    def warmup(self) -> None:
+        """Compile every kernel variant a step can need before serving: a mixed step (decodes
+        with short chunks), a one-sequence prefill and an eager decode, beside the full-budget
+        prefill of the memory profile. Triton compiles on first use, which mid-serving would
+        stall a step for a second or more."""
+        for num_tokens, num_seqs in ((72, 8), (512, 1), (3, 3)):
+            self.profile_run(num_tokens, num_seqs)
+
     @torch.inference_mode()
-    def profile_run(self, num_tokens: int) -> None:
+    def profile_run(self, num_tokens: int, num_seqs: int | None = None) -> None:
         """One forward pass of ``num_tokens`` prompt tokens spread over up to max_num_seqs
         sequences, then sampling for every sequence with top-p on: the activation peak that the
         KV cache must leave room for. KV writes are skipped (slot -1) into a one-block cache."""
-        num_seqs = max(1, min(len(self.batch.num_tokens), num_tokens))
+        num_seqs = num_seqs or max(1, min(len(self.batch.num_tokens), num_tokens))
         q_lens = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
         q_lens[: num_tokens % num_seqs] += 1
         query_start = np.zeros(num_seqs + 1, dtype=np.int64)

@@ -116,6 +116,8 @@ class Worker:
             num_blocks,
             num_blocks * self.kv_bytes_per_block / 2**20,
         )
+        if self.device.type == "cuda":
+            self.runner.warmup()
         if self.device.type == "cuda" and not self.config.device.enforce_eager:
             start = time.perf_counter()
             sizes = self.runner.capture_cuda_graphs()

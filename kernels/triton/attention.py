@@ -153,7 +153,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# num_seqs changes every step: without do_not_specialize Triton compiles a variant per value class
+# (== 1, divisible by 16, other), and each first use mid-serving stalls a step for a second or more.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -272,7 +274,7 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=store_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _split_reduce_kernel(
     out_ptr,
     part_acc_ptr,
