@@ -153,9 +153,10 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-# num_seqs changes every step: without do_not_specialize Triton compiles a variant per value class
-# (== 1, divisible by 16, other), and each first use mid-serving stalls a step for a second or more.
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs and the block-table width (stride_bt) change every step: without do_not_specialize
+# Triton compiles a variant per value class (== 1, divisible by 16, other), and each first use
+# mid-serving stalls a step for a second or more (seen as a 1 s TTFT tail at 12 req/s).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
