@@ -56,7 +56,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_no_engine_process_outlives_the_frontend(
     tiny_model: Path, tmp_path: Path, how: signal.Signals
@@ -77,7 +77,9 @@ def test_no_engine_process_outlives_the_frontend(
                 break
         assert len(pids) == 3, "engine core and two workers"
         os.kill(proc.pid, how)
-        proc.wait(timeout=30)
+        # Generous: an orderly stop (SIGINT) drains the engine and its workers, which on a
+        # loaded two-core CI machine has taken over 30 s. What is checked is that nothing is left.
+        proc.wait(timeout=90)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and (
             any(_alive(p) for p in pids) or set(os.listdir("/dev/shm")) - shm_before
