@@ -46,6 +46,7 @@ if ROOT not in sys.path:
 from benchmarks.common import cpu_model, git  # noqa: E402
 from ipc.config import EngineConfig  # noqa: E402
 from ipc.messages import ModelRunnerOutput, SchedulerOutput  # noqa: E402
+from workers.model_runner import PendingStep  # noqa: E402
 from workers.worker import Worker  # noqa: E402
 
 TOKEN = 7  # what the no-op model "samples" (not the EOS; ignore_eos is set anyway)
@@ -82,6 +83,9 @@ class NoOpWorker(Worker):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         req_ids = list(scheduler_output.num_scheduled_tokens)
         return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=[TOKEN] * len(req_ids))
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        return PendingStep.finished(self.execute_model(scheduler_output))
 
     def shutdown(self) -> None:
         pass

@@ -2,24 +2,27 @@
 # Online serving on the lent GPU: start `python -m frontend` on a random-weight preset, time it to
 # a healthy /health, run benchmarks/serving.py at the given rates, stop the server.
 #   MODEL=llama3-8b RATES="12 inf" NUM_PROMPTS=300 bash benchmarks/run_serving_suite.sh
+#   MODEL=llama3-70b TP=2 TAG=h200x2_tp2 RATES="2 inf" NUM_PROMPTS=100 bash benchmarks/run_serving_suite.sh
 set -u
 model=${MODEL:-llama3-8b}
 out=${OUT:-benchmarks/results}
 tag=${TAG:-h200}
 port=${PORT:-8011}
+tp=${TP:-1}
 preset=benchmarks/presets/$model
 start=$(date +%s.%N)
 python3 -m frontend --model "$preset" --served-model-name "$model" --load-format dummy --skip-tokenizer-init \
   --max-model-len 2048 --max-num-seqs 256 --max-num-batched-tokens 16384 --host 127.0.0.1 --port "$port" \
+  --tensor-parallel-size "$tp" \
   --disable-log-requests > "$out/server_${model}_${tag}.log" 2>&1 &
 server=$!
-for _ in $(seq 1 600); do
+for _ in $(seq 1 1800); do
   curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
   sleep 0.1
 done
 ready=$(python3 -c "import time; print(round(time.time() - $start, 1))")
 echo "healthy after ${ready} s"
-echo "{\"model\": \"$model\", \"time_to_healthy_s\": $ready, \"command\": \"python3 -m frontend --model $preset --load-format dummy --skip-tokenizer-init --max-model-len 2048\"}" > "$out/ready_${model}_${tag}.json"
+echo "{\"model\": \"$model\", \"time_to_healthy_s\": $ready, \"command\": \"python3 -m frontend --model $preset --load-format dummy --skip-tokenizer-init --max-model-len 2048 --tensor-parallel-size $tp\", \"tensor_parallel_size\": $tp}" > "$out/ready_${model}_${tag}.json"
 for rate in ${RATES:-12 inf}; do
   n=${NUM_PROMPTS:-300}
   [ "$rate" = inf ] && n=256

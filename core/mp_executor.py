@@ -17,6 +17,7 @@ hard left in /dev/shm; remove the private rendezvous directory.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -93,6 +94,21 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+class _PendingOutput:
+    """A step broadcast to the workers; ``result()`` waits for rank 0's answer."""
+
+    __slots__ = ("_executor", "output")
+
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self._executor = executor
+        self.output: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        while self.output is None:
+            self._executor._read_next_output()
+        return self.output
+
+
 class MultiprocExecutor:
     """The Executor protocol over ``tensor_parallel_size`` worker processes (see the module doc)."""
 
@@ -115,6 +131,7 @@ class MultiprocExecutor:
         self._utility_frame = MsgKind.UTILITY.frame
         self._call_ids = itertools.count()
         self._workers: list[_Worker] = []
+        self._unanswered: collections.deque[_PendingOutput] = collections.deque()
         self._death: _Death | None = None
         self._died = threading.Event()
         self._failure: EngineDeadError | None = None
@@ -246,18 +263,40 @@ class MultiprocExecutor:
         self._call_all("initialize_cache", num_blocks)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output).result()
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> _PendingOutput:
+        """Broadcast the step and return at once; ``result()`` reads rank 0's answer. The workers
+        launch a step as soon as it arrives, so the engine may schedule the next one meanwhile."""
         if self._died.is_set() or self._failure is not None:
             raise self._dead_error()
-        reply = self._workers[0].reply
         try:
             self._ring.enqueue_frames([self._execute_frame, *self._encoder.encode(scheduler_output)])
+        except RingClosed:
+            raise self._dead_error() from None
+        pending = _PendingOutput(self)
+        self._unanswered.append(pending)
+        return pending
+
+    def _read_next_output(self) -> None:
+        """Read rank 0's next answer into the oldest unanswered step (answers come in order)."""
+        if self._failure is not None:
+            raise self._failure
+        pending = self._unanswered[0]
+        reply = self._workers[0].reply
+        try:
             frames = reply.dequeue_frames()  # type: ignore[union-attr]
         except RingClosed:
             raise self._dead_error() from None
-        if frames[0][0] == MsgKind.OUTPUT:
-            return self._output_decoder.decode(frames[1:])
-        # Rank 0 reported an execute_model failure (it exits right after).
-        raise self._dead_error(first_report=(0, self._result_decoder.decode(frames[1:]).error or ""))
+        if frames[0][0] != MsgKind.OUTPUT:
+            # Rank 0 reported an execute_model failure (it exits right after).
+            raise self._dead_error(first_report=(0, self._result_decoder.decode(frames[1:]).error or ""))
+        pending.output = self._output_decoder.decode(frames[1:])
+        self._unanswered.popleft()
+
+    def _drain_outputs(self) -> None:
+        while self._unanswered:
+            self._read_next_output()
 
     @property
     def worker_pids(self) -> list[int]:
@@ -292,6 +331,7 @@ class MultiprocExecutor:
         """Run ``worker.method(*args)`` on every rank; their results in rank order."""
         if self._died.is_set() or self._failure is not None:
             raise self._dead_error()
+        self._drain_outputs()  # a step's answer ahead of the call's would be read as its result
         call = UtilityCall(call_id=next(self._call_ids), method=method, args=list(args))
         results: list[Any] = []
         errors: list[str] = []

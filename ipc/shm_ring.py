@@ -480,6 +480,10 @@ class ShmRingReader:
                 continue
             self._block(deadline)
 
+    def poll(self) -> bool:
+        """Whether a message is waiting (never blocks; no system call)."""
+        return not self._closed and self._readable()
+
     def _block(self, deadline: float | None) -> None:
         """Sleep until a notification, a cancel, or the end of a poll slice."""
         with contextlib.suppress(BlockingIOError):

@@ -379,6 +379,17 @@ class PendingStep:
     def empty(cls) -> PendingStep:
         return cls(None, [], None)
 
+    @classmethod
+    def finished(cls, output: ModelRunnerOutput) -> PendingStep:
+        """A step whose output is already known (a worker that runs synchronously)."""
+        step = cls(None, [], None)
+        step._result = output
+        return step
+
+    def done(self) -> bool:
+        """Whether ``result()`` would return without waiting for the device."""
+        return self._result is not None or self._event is None or self._event.query()
+
     def result(self) -> ModelRunnerOutput:
         if self._result is not None:
             return self._result

@@ -128,6 +128,11 @@ class Worker:
                 time.perf_counter() - start,
             )
 
+    def graph_replays(self) -> int:
+        """How many steps ran from a captured CUDA graph (checked by the GPU tests)."""
+        graphs = self.runner.graphs if self.runner is not None else None
+        return 0 if graphs is None else graphs.replays
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
 

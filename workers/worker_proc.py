@@ -7,7 +7,8 @@ Decoder reads the rest, since the array_like wire structs carry no tag of their 
                  EXECUTE  SchedulerOutput      every rank runs it; the collectives keep them in step
                  UTILITY  UtilityCall          every rank runs it and answers
     rank r   ──its own ShmRingWriter (1 reader: the executor)──▶ executor
-                 OUTPUT   ModelRunnerOutput    rank 0 only, one per EXECUTE
+                 OUTPUT   ModelRunnerOutput    rank 0 only, one per EXECUTE, in order; step N's
+                                               may follow step N+1's launch (async scheduling)
                  RESULT   UtilityResult        every rank per UTILITY; any rank whose
                                                execute_model raised (call_id EXECUTE_CALL_ID)
     rank r   ──multiprocessing Pipe (startup, then parent-death detection)──▶ executor
@@ -167,6 +168,7 @@ class WorkerProc:
         self.dist_initialized = False
         self._encoder = Encoder()
         self._exiting = threading.Event()
+        self._launch_first = args.config.device.device == "cuda"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -255,13 +257,21 @@ class WorkerProc:
         self.reply_handle = self.reply.handle
 
     def _loop(self) -> int:
+        """Run what the ring brings, in order. A step is launched as soon as it arrives and
+        answered once its tokens are on the host; when the next step arrives first (the engine
+        schedules step N+1 while N runs), N+1 is launched before N is answered, so the device
+        never waits for the answer's round trip. Answers still leave in step order."""
         assert self.ring is not None and self.reply is not None
-        ring, reply, worker, rank = self.ring, self.reply, self.worker, self.rank
-        encoder = self._encoder
+        ring, worker, rank = self.ring, self.worker, self.rank
         so_decoder: Decoder[SchedulerOutput] = Decoder(SchedulerOutput)
         call_decoder: Decoder[UtilityCall] = Decoder(UtilityCall)
-        output_frame, result_frame = MsgKind.OUTPUT.frame, MsgKind.RESULT.frame
+        pending: Any = None  # the launched step not answered yet (a workers.model_runner.PendingStep)
         while True:
+            if pending is not None and not self._wait_step_or_message(pending):
+                if not self._answer(pending):
+                    return 1
+                pending = None
+                continue
             try:
                 frames = ring.dequeue_frames()
             except RingClosed as e:
@@ -270,24 +280,63 @@ class WorkerProc:
             kind = frames[0][0]
             if kind == MsgKind.EXECUTE:
                 try:
-                    output = worker.execute_model(so_decoder.decode(frames[1:]))
+                    step = worker.execute_model_async(so_decoder.decode(frames[1:]))
                 except Exception:
-                    # Fatal (see the module docstring): report, then exit.
-                    logger.exception("worker rank %d: execute_model failed", rank)
-                    error = UtilityResult(call_id=EXECUTE_CALL_ID, error=traceback.format_exc())
-                    with contextlib.suppress(RingClosed, TimeoutError):
-                        reply.enqueue_frames([result_frame, *encoder.encode(error)], timeout=5.0)
+                    self._report_failure()
                     return 1
-                if rank == 0:
-                    reply.enqueue_frames([output_frame, *encoder.encode(output)])
+                if pending is not None and not self._answer(pending):
+                    return 1
+                pending = step
             elif kind == MsgKind.UTILITY:
+                if pending is not None:  # answers leave in the order the calls came
+                    if not self._answer(pending):
+                        return 1
+                    pending = None
                 call = call_decoder.decode(frames[1:])
                 result = self._run_utility(call)
-                reply.enqueue_frames([result_frame, *encoder.encode(result)])
+                self.reply.enqueue_frames([MsgKind.RESULT.frame, *self._encoder.encode(result)])
                 if call.method == "shutdown" and result.error is None:
                     return 0
             else:
                 raise WireError(f"worker rank {rank}: unknown message kind {kind} on the broadcast ring")
+
+    def _wait_step_or_message(self, pending: Any) -> bool:
+        """Spin until the ring holds a message (True) or the step's tokens are ready (False).
+        The host has nothing else to do meanwhile; a wake-up would cost more than the spin.
+
+        When both hold: on CUDA the next step is launched first (the GPU would idle for the
+        answer's few microseconds otherwise); on CPU the launch *is* the forward pass, so the
+        finished step is answered first rather than one whole step late."""
+        ring = self.ring
+        assert ring is not None
+        if not self._launch_first and pending.done():
+            return False
+        while True:
+            if ring.poll():
+                return True
+            if pending.done():
+                return False
+            os.sched_yield()
+
+    def _answer(self, pending: Any) -> bool:
+        """Wait for a launched step and, on rank 0, send its output. False if it failed (fatal)."""
+        try:
+            output = pending.result()
+        except Exception:
+            self._report_failure()
+            return False
+        if self.rank == 0:
+            assert self.reply is not None
+            self.reply.enqueue_frames([MsgKind.OUTPUT.frame, *self._encoder.encode(output)])
+        return True
+
+    def _report_failure(self) -> None:
+        """execute_model failed: fatal (see the module docstring). Report on the reply ring."""
+        logger.exception("worker rank %d: execute_model failed", self.rank)
+        error = UtilityResult(call_id=EXECUTE_CALL_ID, error=traceback.format_exc())
+        assert self.reply is not None
+        with contextlib.suppress(RingClosed, TimeoutError):
+            self.reply.enqueue_frames([MsgKind.RESULT.frame, *self._encoder.encode(error)], timeout=5.0)
 
     def _run_utility(self, call: UtilityCall) -> UtilityResult:
         try:

@@ -244,8 +244,8 @@ def test_killed_worker_fails_the_next_step_and_leaves_nothing(models: dict[str, 
     assert all(os.path.exists(f"/dev/shm/{n}") for n in names)
     try:
         _add_requests(engine, 4)
-        for _ in range(3):
-            assert engine.step().outputs
+        # With async scheduling a step's tokens come out of the next step() call.
+        assert sum(bool(engine.step().outputs) for _ in range(4)) >= 3
         noticed: list[EngineDeadError] = []
         executor.register_failure_callback(noticed.append)
         os.kill(pids[1], signal.SIGKILL)
@@ -282,11 +282,11 @@ class _FailingWorker(Worker):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.calls = 0
 
-    def execute_model(self, scheduler_output):  # type: ignore[no-untyped-def]
+    def execute_model_async(self, scheduler_output):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.rank == 1 and self.calls == 3:
             raise RuntimeError("boom in rank 1")
-        return super().execute_model(scheduler_output)
+        return super().execute_model_async(scheduler_output)
 
 
 @pytest.mark.timeout(120)
@@ -304,7 +304,8 @@ def test_worker_exception_is_reported_not_hung(models: dict[str, Path]) -> None:
         engine.step()
         started = time.monotonic()
         with pytest.raises(WorkerDiedError, match="boom in rank 1"):
-            engine.step()
+            for _ in range(3):  # async scheduling: the failed step's answer is read a step later
+                engine.step()
         assert time.monotonic() - started < 5
     finally:
         engine.shutdown()
