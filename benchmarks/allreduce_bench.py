@@ -3,8 +3,9 @@
 One process per GPU (NCCL, as the engine's workers use it). For each size, the median over
 repeats of: an eager ``dist.all_reduce`` (CUDA events around a loop of 50), and the same loop
 captured in one CUDA graph and replayed (how the decode step runs it). Where torch's symmetric
-memory is available, its one-shot all-reduce (peer loads over NVLink, no multicast) is timed the
-same way, as the candidate for a custom all-reduce.
+memory is available, the engine's one-shot all-reduce (workers/custom_all_reduce.py: torch's
+symmetric-memory kernel, peer loads over NVLink, no multicast) is checked against NCCL and timed
+the same way.
 
     python3 benchmarks/allreduce_bench.py --world-size 2 --hidden 8192 --out results/allreduce.json
 """
@@ -72,38 +73,39 @@ def _rank_main(rank: int, world_size: int, init: str, tokens: list[int], hidden:
     dist.init_process_group(
         "nccl", init_method=init, rank=rank, world_size=world_size, device_id=torch.device("cuda", rank)
     )
-    rows = []
-    symm = None
-    try:
-        import torch.distributed._symmetric_memory as symm_mem
+    from workers.custom_all_reduce import SymmMemAllReduce
 
-        symm = symm_mem
-    except ImportError:
-        pass
+    rows = []
+    custom = None
+    try:
+        custom = SymmMemAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16, 8 << 20)
+        check = custom.self_check()
+    except Exception as e:  # not every build has symmetric memory; record why
+        check = repr(e)[:300]
     for n in tokens:
         x = torch.randn(n, hidden, dtype=torch.bfloat16, device="cuda")
         expected = x.clone()
         dist.all_reduce(expected)
         row: dict[str, Any] = {"tokens": n, "bytes": x.numel() * x.element_size()}
-        row["nccl_eager_us"] = _time_loop(lambda: dist.all_reduce(x), torch)
-        row["nccl_graph_us"] = _time_graph(lambda: dist.all_reduce(x), torch)
-        if symm is not None:
-            try:
-                buf = symm.empty(n, hidden, dtype=torch.bfloat16, device="cuda")
-                symm.rendezvous(buf, dist.group.WORLD.group_name)
-                out = torch.empty_like(buf)
-                buf.copy_(x)
-                got = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", dist.group.WORLD.group_name)
-                row["symm_one_shot_max_err"] = float((got.float() - expected.float()).abs().max())
 
-                def one_shot(buf=buf, out=out) -> None:
-                    torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", dist.group.WORLD.group_name, out)
+        def nccl(x: torch.Tensor = x) -> None:
+            dist.all_reduce(x)
 
-                row["symm_one_shot_eager_us"] = _time_loop(one_shot, torch)
-                row["symm_one_shot_graph_us"] = _time_graph(one_shot, torch)
-            except Exception as e:  # not every build has it; record why
-                row["symm_one_shot_error"] = repr(e)[:300]
+        row["nccl_eager_us"] = _time_loop(nccl, torch)
+        row["nccl_graph_us"] = _time_graph(nccl, torch)
+        if custom is not None and check is None:
+            got = custom.all_reduce(x.clone())
+            torch.cuda.synchronize()
+            row["one_shot_max_abs_err_vs_nccl"] = float((got.float() - expected.float()).abs().max())
+            staged = x.clone()
+
+            def one_shot(staged: torch.Tensor = staged) -> None:
+                custom.all_reduce(staged)
+
+            row["one_shot_eager_us"] = _time_loop(one_shot, torch)
+            row["one_shot_graph_us"] = _time_graph(one_shot, torch)
         rows.append(row)
+    rows.append({"one_shot_self_check": check or "passed"})
     if rank == 0:
         queue.put(rows)
     dist.barrier()
@@ -113,7 +115,9 @@ def _rank_main(rank: int, world_size: int, init: str, tokens: list[int], hidden:
 def main() -> None:
     import torch.multiprocessing as mp
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])

@@ -58,7 +58,7 @@ def environment() -> dict[str, Any]:
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()})"
     # The GPU machine gets a copy of the tree without .git: the caller passes the commit along.
-    info["git_commit"] = git("rev-parse", "HEAD") or os.environ.get("PAGEDSERVE_GIT_COMMIT", "unknown")
+    info["git_commit"] = os.environ.get("PAGEDSERVE_GIT_COMMIT") or git("rev-parse", "HEAD") or "unknown"
     return info
 
 

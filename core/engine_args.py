@@ -47,6 +47,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    disable_custom_all_reduce: bool = False
     device: str = "auto"
     enforce_eager: bool = False
     cpu_threads: int | None = None  # None: half the cores, at least 1
@@ -188,6 +189,7 @@ class EngineArgs:
                 tensor_parallel_size=self.tensor_parallel_size,
                 pipeline_parallel_size=self.pipeline_parallel_size,
                 distributed_executor_backend=backend,
+                disable_custom_all_reduce=self.disable_custom_all_reduce,
             ),
             device=DeviceConfig(
                 device=device,

@@ -161,6 +161,12 @@ def build_parser(prog: str = "pagedserve serve") -> argparse.ArgumentParser:
     sched.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="Number of tensor-parallel ranks (GPUs)."
     )
+    sched.add_argument(
+        "--disable-custom-all-reduce",
+        action="store_true",
+        help="Use NCCL for every tensor-parallel all-reduce (default: small ones go through a "
+        "symmetric-memory one-shot all-reduce on CUDA, measured faster for decode steps).",
+    )
     sched.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="Device to run on; auto picks CUDA when available.")  # fmt: skip
     sched.add_argument(
@@ -219,6 +225,7 @@ def parse_args(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
         device=args.device,
         enforce_eager=args.enforce_eager,
     )

@@ -72,6 +72,9 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     # "uni": the model runs in the engine-core process; "mp": one worker process per rank.
     distributed_executor_backend: Literal["uni", "mp"] = "uni"
+    # Small all-reduces (decode steps) through symmetric memory instead of NCCL, on CUDA with
+    # TP > 1 (workers/custom_all_reduce.py); NCCL remains for large messages and as fallback.
+    disable_custom_all_reduce: bool = False
 
     @property
     def world_size(self) -> int:

@@ -20,6 +20,12 @@ from workers.models.registry import build_model, load_model_weights
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
 # Without a memory profile (CPU), this much memory goes to the KV cache unless configured.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 # Left free for the CUDA-graph memory pool, which is filled after the KV cache is allocated.
@@ -127,6 +133,9 @@ class Worker:
                 sizes[-1],
                 time.perf_counter() - start,
             )
+
+    def uses_custom_all_reduce(self) -> bool:
+        return self.tp.custom_all_reduce is not None
 
     def graph_replays(self) -> int:
         """How many steps ran from a captured CUDA graph (checked by the GPU tests)."""

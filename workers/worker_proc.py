@@ -243,7 +243,20 @@ class WorkerProc:
                 **kwargs,
             )
             self.dist_initialized = True
-            tp = TPGroup(rank=self.rank, size=args.world_size, group=dist.group.WORLD)
+            custom = None
+            if backend == "nccl" and not config.parallel.disable_custom_all_reduce:
+                from workers.custom_all_reduce import make_custom_all_reduce
+                from workers.worker import torch_dtype
+
+                custom = make_custom_all_reduce(
+                    dist.group.WORLD,
+                    args.world_size,
+                    torch.device("cuda", args.local_rank),
+                    torch_dtype(config.model.dtype),
+                )
+            tp = TPGroup(
+                rank=self.rank, size=args.world_size, group=dist.group.WORLD, custom_all_reduce=custom
+            )
         worker_cls = args.worker_cls or Worker
         self.worker = worker_cls(config, rank=self.rank, tp=tp)
         self.worker.load_model()

@@ -22,17 +22,27 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: Any = None  # a torch.distributed ProcessGroup when size > 1
+    # workers.custom_all_reduce.SymmMemAllReduce for small messages on CUDA, or None (NCCL/gloo)
+    custom_all_reduce: Any = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
+            custom = self.custom_all_reduce
+            if custom is not None and custom.can_reduce(x):
+                return custom.all_reduce(x)
             dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
+        x = x.contiguous()
+        if x.is_cuda:  # one gather into one buffer, then the ranks' slices side by side
+            out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x, group=self.group)
+            return out.movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=-1)
 
 
