@@ -50,6 +50,8 @@ case $stage in
       --out "$out/latency_llama3-70b_tp2_${tag}.json"
     ;;
   tp4)
+    step 60 allreduce_4 python3 benchmarks/allreduce_bench.py --world-size 4 --hidden 8192 \
+      --out "$out/allreduce_4gpu_${tag}.json"
     step 130 thr_70b_tp4 python3 benchmarks/throughput.py --model llama3-70b --tensor-parallel-size 4 \
       --out "$out/throughput_llama3-70b_tp4_${tag}.json"
     step 90 lat_70b_tp4 python3 benchmarks/latency.py --model llama3-70b --tensor-parallel-size 4 --repeats 3 \
