@@ -2,8 +2,9 @@
 
 NCCL's all-reduce costs ~12 us inside a CUDA graph even for a 16 KB message on two NVLink-linked
 H200s; a one-shot all-reduce, where every rank copies its partial sum into a buffer its peers can
-address and then reads all of them (peer loads over NVLink, no multicast), took ~6 us
-(``benchmarks/results/allreduce_2gpu_h200.json``). A decode step of llama3-8b runs 64 of them.
+address and then reads all of them (peer loads over NVLink, no multicast), took ~8 us, staging
+copy included (``benchmarks/results/allreduce_2gpu_h200x2.json``). A decode step of llama3-8b
+runs 64 of them.
 
 The one-shot kernel is torch's (``torch.ops.symm_mem.one_shot_all_reduce_out``): it barriers with
 the peers before reading and again after, so the one staging buffer is safe to reuse by the next
