@@ -213,8 +213,10 @@ def serving_point(record: dict[str, Any]) -> ServingPoint | None:
     res = record.get("results") or {}
     try:
         engine = str(record.get("engine", "?"))
+        engine = VLLM if engine.lower() == "vllm" else OURS if engine == "pagedserve" else engine
+        tp = int(record.get("tensor_parallel_size") or 1)
         return ServingPoint(
-            engine=VLLM if engine.lower() == "vllm" else OURS if engine == "pagedserve" else engine,
+            engine=engine if tp == 1 else f"{engine} TP={tp}",
             model=model_key(str(record["model"])),
             rate=float(record["settings"]["request_rate"]),  # "inf" reads as math.inf
             num_requests=int(res["completed"]) + int(res["failed"]),
@@ -245,10 +247,11 @@ def plot_serving_model(model: str, points: list[ServingPoint], device: str, out_
     fig = Figure(figsize=(10, 4.4), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, metric, title in ((axes[0], "ttft", "TTFT"), (axes[1], "tpot", "TPOT")):
-        for engine in sorted({p.engine for p in points}, key=lambda e: (e != OURS, e)):
+        engines = sorted({p.engine for p in points}, key=lambda e: (e != OURS, e))
+        for index, engine in enumerate(engines):
             mine = sorted((p for p in points if p.engine == engine), key=lambda p: p.rate)
             xs = [positions[p.rate] for p in mine]
-            color = COLORS.get(engine)
+            color = COLORS.get(engine) or f"C{index + 2}"  # one colour per series, p50 and p99 alike
             for stat, style in (("p50", "-o"), ("p99", "--s")):
                 ys = [getattr(p, f"{metric}_{stat}") for p in mine]
                 ax.plot(xs, ys, style, color=color, label=f"{engine} {stat}", markersize=4)

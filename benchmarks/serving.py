@@ -93,6 +93,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model-label", default=None, help="model name in the results (e.g. llama3-8b); default: --model"
     )
+    parser.add_argument(
+        "--server-tensor-parallel-size",
+        type=int,
+        default=1,
+        help="the server's tensor-parallel size, recorded in the results (plots draw one series per size)",
+    )
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of the arrivals")
     parser.add_argument("--input-len-range", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
@@ -407,6 +413,7 @@ def build_record(
         "engine": engine,
         "model": args.model_label or model,
         "served_model_name": model,
+        "tensor_parallel_size": args.server_tensor_parallel_size,
         **env,
         "server_version": version,
         "settings": settings,
