@@ -105,8 +105,18 @@ class KVCacheManager:
         """Make room for ``num_new_tokens`` more tokens after the computed ones (and after the
         prefix-cache hits ``computed``, when admitting). Returns the ids of the blocks added to the
         request, or None when the pool cannot supply them (nothing is changed then)."""
-        computed = computed or []
         total = request.num_computed_tokens + num_computed_from_cache + num_new_tokens
+        if not computed:
+            # The common decode step: the tokens fit in the blocks held and fill no new block to
+            # publish. Nothing changes; this path keeps scheduling 256 running requests cheap.
+            held = self.req_to_blocks.get(request.request_id)
+            if held is not None and total <= len(held) * self.block_size:
+                if not self.enable_prefix_caching:
+                    return []
+                num_full = min(total, request.num_tokens) // self.block_size
+                if num_full <= self._num_published.get(request.request_id, 0):
+                    return []
+        computed = computed or []
         if not self.can_allocate(request, total, computed):
             return None
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
