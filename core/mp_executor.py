@@ -17,6 +17,7 @@ hard left in /dev/shm; remove the private rendezvous directory.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import itertools
@@ -26,6 +27,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -94,6 +96,15 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+def _shutdown_at_exit(ref: weakref.ReferenceType[MultiprocExecutor]) -> Callable[[], None]:
+    def hook() -> None:
+        executor = ref()
+        if executor is not None:
+            executor.shutdown()
+
+    return hook
+
+
 class _PendingOutput:
     """A step broadcast to the workers; ``result()`` waits for rank 0's answer."""
 
@@ -138,6 +149,7 @@ class MultiprocExecutor:
         self._closing = False
         self._shut_down = False
         self._monitor: threading.Thread | None = None
+        self._exit_hook: Callable[[], None] | None = None
         self.exitcodes: list[int | None] = []  # the workers' exit codes, once shut down
         self._failure_callbacks: list[Callable[[EngineDeadError], None]] = []
         self._callback_lock = threading.Lock()
@@ -162,6 +174,12 @@ class MultiprocExecutor:
             raise
         self._monitor = threading.Thread(target=self._watch_workers, name="worker-monitor", daemon=True)
         self._monitor.start()
+        # An owner that never calls shutdown() (a script that just ends) still stops the workers
+        # in order at interpreter exit, before the ring's own finalizer closes it under them
+        # (which the monitor would report as a worker death). A weak reference: the hook must
+        # not keep the executor alive.
+        self._exit_hook = _shutdown_at_exit(weakref.ref(self))
+        atexit.register(self._exit_hook)
         logger.info(
             "%d worker process(es) ready: pids %s", self.world_size, [w.proc.pid for w in self._workers]
         )
@@ -321,6 +339,8 @@ class MultiprocExecutor:
         if self._shut_down:
             return
         self._shut_down = True
+        if self._exit_hook is not None:
+            atexit.unregister(self._exit_hook)
         if self._failure is None:
             self._failure = EngineDeadError("the executor was shut down")
         self._teardown()

@@ -90,7 +90,9 @@ def run(path: Path, async_scheduling: bool, **kwargs) -> list:
         ]
         for o in outs
     ]
-    return result, llm.engine.core.scheduler.total_preemptions
+    preemptions = llm.engine.core.scheduler.total_preemptions
+    llm.shutdown()  # worker processes, if any, stop now rather than at garbage collection
+    return result, preemptions
 
 
 def test_async_equals_sync_with_room(model_dir: Path) -> None:
@@ -153,3 +155,18 @@ def test_async_with_chunked_prefill_and_aborts(model_dir: Path) -> None:
         core.step()
     assert core.kv_cache.num_free_blocks == core.kv_cache.num_blocks
     core.kv_cache.check_invariants()
+
+
+@pytest.mark.timeout(300)
+def test_async_over_worker_processes_equals_sync(model_dir: Path) -> None:
+    """The multiprocess executor pipelines steps (a worker launches N+1 before answering N):
+    with one worker process it must match the in-process sequential loop exactly, and at TP=2
+    its own sequential run, under preemption, seeds, penalties and stop tokens."""
+    small = {"num_gpu_blocks_override": 40, "max_num_seqs": 16}
+    reference, _ = run(model_dir, False, **small)
+    one_worker, preemptions = run(model_dir, True, distributed_executor_backend="mp", **small)
+    assert preemptions > 0
+    assert one_worker == reference
+    tp2_sync, _ = run(model_dir, False, tensor_parallel_size=2, **small)
+    tp2_async, _ = run(model_dir, True, tensor_parallel_size=2, **small)
+    assert tp2_async == tp2_sync

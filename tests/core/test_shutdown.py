@@ -90,3 +90,35 @@ def test_no_engine_process_outlives_the_frontend(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+FORGETFUL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from frontend.llm import LLM
+
+    if __name__ == "__main__":
+        llm = LLM({model!r}, engine_process=False, skip_tokenizer_init=True, tensor_parallel_size=2,
+                  max_model_len=128, num_gpu_blocks_override=64)
+        llm.generate([[1, 2, 3]], use_tqdm=False)
+        print("PIDS", *llm.engine.core.executor.worker_pids, flush=True)
+        # no llm.shutdown(): the script just ends
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_script_that_never_shuts_down_stops_its_workers_quietly(tiny_model: Path, tmp_path: Path) -> None:
+    """An in-process engine whose owner never calls shutdown() still stops its worker processes
+    in order at interpreter exit: exit status 0, no false "worker died" error, nothing left."""
+    shm_before = set(os.listdir("/dev/shm"))
+    script = tmp_path / "forgetful.py"
+    script.write_text(FORGETFUL_SCRIPT.format(root=str(ROOT), model=str(tiny_model)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pids = [int(p) for line in done.stdout.splitlines() if line.startswith("PIDS") for p in line.split()[1:]]
+    assert len(pids) == 2
+    assert "cannot continue" not in done.stderr
+    assert not [p for p in pids if _alive(p)]
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
