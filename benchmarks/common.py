@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -89,3 +90,45 @@ def git(*args: str) -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
+
+
+def cpu_bench_record(
+    name: str,
+    description: str,
+    load_before: float,
+    versions: dict[str, str],
+    params: dict[str, Any],
+    results: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The result record of a CPU-side benchmark (ring, engine loop): the host, its load before
+    and after (other tenants move these numbers a lot on a shared box), versions, git state."""
+    return {
+        "benchmark": name,
+        "description": description,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "device": {
+            "kind": "cpu",
+            "cpu_model": cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)),
+            "machine": platform.machine(),
+            "kernel": platform.release(),
+            "loadavg_1m_before": load_before,
+            "loadavg_1m_after": os.getloadavg()[0],
+        },
+        "versions": {"python": platform.python_version(), **versions},
+        "git": {
+            "commit": git("rev-parse", "HEAD") or "none (no commit yet)",
+            "dirty": bool(git("status", "--porcelain")),
+        },
+        "params": params,
+        "results": results,
+    }
+
+
+def save_json(path: str | Path, record: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")

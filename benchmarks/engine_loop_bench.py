@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -43,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.common import cpu_model, git  # noqa: E402
+from benchmarks.common import cpu_bench_record, save_json  # noqa: E402
 from ipc.config import EngineConfig  # noqa: E402
 from ipc.messages import ModelRunnerOutput, SchedulerOutput  # noqa: E402
 from workers.model_runner import PendingStep  # noqa: E402
@@ -255,41 +254,16 @@ def main() -> None:
         case.summarize()
     results = cases
 
-    report = {
-        "benchmark": "engine_loop_bench",
-        "description": "EngineCore per-step time (schedule / execute / update) per executor; "
+    report = cpu_bench_record(
+        "engine_loop_bench",
+        "EngineCore per-step time (schedule / execute / update) per executor; "
         f"{args.num_requests} requests decoding; noop = no model, tiny = 1-layer hidden-64 random Llama",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": socket.gethostname(),
-        "device": {
-            "kind": "cpu",
-            "cpu_model": cpu_model(),
-            "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)),
-            "machine": platform.machine(),
-            "kernel": platform.release(),
-            # Other tenants' load moves these numbers a lot on a shared box: record it.
-            "loadavg_1m_before": load_before[0],
-            "loadavg_1m_after": os.getloadavg()[0],
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "msgspec": msgspec.__version__,
-            "numpy": np.__version__,
-        },
-        "git": {
-            "commit": git("rev-parse", "HEAD") or "none (no commit yet)",
-            "dirty": bool(git("status", "--porcelain")),
-        },
-        "params": vars(args),
-        "results": [asdict(r) for r in results],
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+        load_before[0],
+        {"torch": torch.__version__, "msgspec": msgspec.__version__, "numpy": np.__version__},
+        vars(args),
+        [asdict(r) for r in results],
+    )
+    save_json(args.out, report)
 
     dev = report["device"]
     print(

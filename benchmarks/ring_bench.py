@@ -22,10 +22,8 @@ Usage: python benchmarks/ring_bench.py [--out benchmarks/results/ring_<host>.jso
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import struct
 import sys
@@ -41,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.common import cpu_model, git  # noqa: E402
+from benchmarks.common import cpu_bench_record, save_json  # noqa: E402
 from ipc.shm_ring import RingClosed, RingHandle, ShmRingReader, ShmRingWriter  # noqa: E402
 
 _STAMP = struct.Struct("<dII")  # send time, case id, sequence number
@@ -224,41 +222,20 @@ def main() -> None:
                 res.summary = _stats(np.concatenate(all_us))
             results.append(res)
 
-    report = {
-        "benchmark": "ring_bench",
-        "description": "shm broadcast ring, 1 writer + 2 reader processes; latency = enqueue to both readers done",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": socket.gethostname(),
-        "device": {
-            "kind": "cpu",
-            "cpu_model": cpu_model(),
-            "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)),
-            "machine": platform.machine(),
-            "kernel": platform.release(),
-            # Other tenants' load moves these numbers a lot on a shared box: record it.
-            "loadavg_1m_before": load_before[0],
-            "loadavg_1m_after": os.getloadavg()[0],
-        },
-        "versions": {
-            "python": platform.python_version(),
+    report = cpu_bench_record(
+        "ring_bench",
+        "shm broadcast ring, 1 writer + 2 reader processes; latency = enqueue to both readers done",
+        load_before[0],
+        {
             "msgspec": msgspec.__version__,
             "pyzmq": zmq.__version__,
             "libzmq": zmq.zmq_version(),
             "numpy": np.__version__,
         },
-        "git": {
-            "commit": git("rev-parse", "HEAD") or "none (no commit yet)",
-            "dirty": bool(git("status", "--porcelain")),
-        },
-        "params": vars(args),
-        "results": [asdict(r) for r in results],
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+        vars(args),
+        [asdict(r) for r in results],
+    )
+    save_json(args.out, report)
 
     dev = report["device"]
     print(
