@@ -19,6 +19,7 @@ from kernels.reference import (
     fused_add_rms_norm_ref,
     paged_attention_ref,
     rms_norm_ref,
+    sample_race_ref,
     silu_and_mul_ref,
     write_kv_ref,
 )
@@ -91,3 +92,9 @@ def apply_rope(
     if query.is_cuda:
         return _triton("rope").apply_rope(positions, query, key, cos_sin_cache)
     return apply_rope_ref(positions, query, key, cos_sin_cache)
+
+
+def sample_race(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    if logits.is_cuda:
+        return _triton("sampling").sample_race(logits, temperature, seeds)
+    return sample_race_ref(logits, temperature, seeds)

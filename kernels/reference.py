@@ -144,3 +144,23 @@ def apply_rope_ref(
         x1, x2 = x32[..., :half], x32[..., half:]
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         x.copy_(rotated.to(x.dtype))
+
+
+def sample_race_ref(
+    logits: torch.Tensor,  # [B, V], any float dtype
+    temperature: torch.Tensor,  # fp32 [B]; < 1e-5 = greedy
+    seeds: torch.Tensor,  # int64 [B]
+) -> torch.Tensor:
+    """Temperature sampling as ``argmax(logits / T + Gumbel)``, greedy rows as argmax; int64 [B].
+
+    Row r's noise comes from a generator seeded with ``seeds[r]``: a row's token depends only on
+    its logits and its seed. (The Triton kernel draws its noise with Philox instead: the same
+    distribution and the same determinism, not the same bits.)
+    """
+    x = logits.float()
+    out = x.argmax(dim=-1)
+    for row in torch.nonzero(temperature >= 1e-5).flatten().tolist():
+        gen = torch.Generator(device=x.device).manual_seed(int(seeds[row]))
+        exp_noise = torch.empty_like(x[row]).exponential_(generator=gen)
+        out[row] = (x[row] / temperature[row] - exp_noise.log()).argmax()
+    return out

@@ -14,7 +14,7 @@ import torch
 from ipc.messages import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from workers.input_batch import InputBatch, RequestState
 from workers.models.llama import AttentionMetadata
-from workers.sampler import SamplerOutput, SamplingMetadata, sample
+from workers.sampler import SamplerOutput, SamplingMetadata, row_seeds, sample
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,8 @@ class ModelRunner:
             for i, p in enumerate(params)
             if p.seed is not None and not p.is_greedy
         ]
+        if not md.all_greedy:
+            md.seeds = row_seeds(len(states), md.seeded_rows, self.device, to_dev)
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
             self._penalty_inputs(md, states)
         rows, tokens, values = [], [], []

@@ -5,13 +5,21 @@ temperature -> min-p -> top-k / top-p -> exponential-race sampling. Sampling dra
 ``argmax(probs / E)`` with ``E ~ Exp(1)`` (equivalent to sampling from ``probs``; no sort, no host
 sync). A seeded request draws its noise from a generator keyed by (seed, output position), so its
 tokens do not depend on what else is in the batch, nor on preemptions.
+
+Without min-p / top-k / top-p (the common case) the race runs as ``argmax(logits / T + Gumbel)``
+in one fused pass (``kernels.ops.sample_race``): the logits are read once, in their own dtype, and
+every row's noise is keyed by a per-row seed, so seeded rows cost nothing extra.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from kernels import ops
 
 _EPS = 1e-5
 
@@ -25,6 +33,8 @@ class SamplingMetadata:
     min_p: torch.Tensor | None = None  # fp32 [B], 0 = off
     # (row, seed, output position) of seeded random rows
     seeded_rows: list[tuple[int, int, int]] | None = None
+    # int64 [B] per-row noise seeds (row_seeds); built by the sampler when None
+    seeds: torch.Tensor | None = None
     # Penalties: per-row values and the token history they look at.
     presence_penalty: torch.Tensor | None = None  # fp32 [B]
     frequency_penalty: torch.Tensor | None = None  # fp32 [B]
@@ -86,34 +96,41 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     logits.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-    logits = logits.float()
-    raw_logprobs = logits.log_softmax(dim=-1) if md.max_num_logprobs is not None else None
-    if md.bias_rows is not None:
-        logits.index_put_((md.bias_rows, md.bias_tokens), md.bias_values, accumulate=True)
-    if md.output_token_ids is not None:
-        apply_penalties(logits, md)
+def row_seeds(
+    num_rows: int,
+    seeded_rows: list[tuple[int, int, int]] | None,
+    device: torch.device,
+    upload: Callable[[np.ndarray], torch.Tensor] = torch.from_numpy,
+) -> torch.Tensor:
+    """int64 [B] noise seeds for ``sample_race``: drawn from the device's default generator (the
+    same on every TP rank), with seeded requests' rows keyed by (seed, output position)."""
+    seeds = torch.randint(0, 2**62, (num_rows,), dtype=torch.int64, device=device)
+    if seeded_rows:
+        rows = np.fromiter((r for r, _, _ in seeded_rows), dtype=np.int64, count=len(seeded_rows))
+        keys = np.fromiter(
+            (_seeded_key(s, p) for _, s, p in seeded_rows), dtype=np.int64, count=len(seeded_rows)
+        )
+        seeds[upload(rows).to(device)] = upload(keys).to(device)
+    return seeds
 
-    greedy = logits.argmax(dim=-1)
+
+def sample(logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+    raw_logprobs = logits.float().log_softmax(dim=-1) if md.max_num_logprobs is not None else None
+    if md.bias_rows is not None or md.output_token_ids is not None:
+        logits = logits.float()
+        if md.bias_rows is not None:
+            logits.index_put_((md.bias_rows, md.bias_tokens), md.bias_values, accumulate=True)
+        if md.output_token_ids is not None:
+            apply_penalties(logits, md)
+
     if md.all_greedy:
-        tokens = greedy
+        tokens = logits.argmax(dim=-1)
+    elif md.top_k is None and md.top_p is None and md.min_p is None:
+        # Temperature alone: one pass over the logits, the noise keyed per row.
+        seeds = md.seeds if md.seeds is not None else row_seeds(len(logits), md.seeded_rows, logits.device)
+        tokens = ops.sample_race(logits, md.temperature, seeds)
     else:
-        temperature = md.temperature
-        is_greedy = temperature < _EPS
-        scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
-        if md.min_p is not None:
-            probs = scaled.softmax(dim=-1)
-            threshold = md.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-            scaled.masked_fill_(probs < threshold, float("-inf"))
-        if md.top_k is not None or md.top_p is not None:
-            apply_top_k_top_p(scaled, md.top_k, md.top_p)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for row, seed, position in md.seeded_rows or ():
-            gen = torch.Generator(device=probs.device).manual_seed(_seeded_key(seed, position))
-            noise[row].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(is_greedy, greedy, sampled)
+        tokens = _sample_truncated(logits.float(), md)
 
     out = SamplerOutput(token_ids=tokens)
     if raw_logprobs is not None:
@@ -127,3 +144,25 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
             out.logprob_token_ids = tokens[:, None]
             out.logprobs = sampled_lp
     return out
+
+
+def _sample_truncated(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Sampling with min-p / top-k / top-p: the masks need the probabilities, so this path
+    normalises (and, for top-k / top-p, sorts) on the device."""
+    greedy = logits.argmax(dim=-1)
+    temperature = md.temperature
+    is_greedy = temperature < _EPS
+    scaled = logits / torch.where(is_greedy, 1.0, temperature)[:, None]
+    if md.min_p is not None:
+        probs = scaled.softmax(dim=-1)
+        threshold = md.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        scaled.masked_fill_(probs < threshold, float("-inf"))
+    if md.top_k is not None or md.top_p is not None:
+        apply_top_k_top_p(scaled, md.top_k, md.top_p)
+    probs = scaled.softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for row, seed, position in md.seeded_rows or ():
+        gen = torch.Generator(device=probs.device).manual_seed(_seeded_key(seed, position))
+        noise[row].exponential_(generator=gen)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(is_greedy, greedy, sampled)
