@@ -48,8 +48,22 @@ def timed(fn, warmup: int, repeats: int) -> tuple[float, float]:
     return statistics.median(gpu), statistics.median(wall)
 
 
+def make_cases(logits: torch.Tensor, temperature: torch.Tensor, seeded: list[tuple[int, int, int]]) -> dict:
+    def md(seeds: list[tuple[int, int, int]] | None) -> SamplingMetadata:
+        return SamplingMetadata(temperature=temperature, all_greedy=False, seeded_rows=seeds)
+
+    return {
+        "fused": lambda: sample(logits, md(None)),
+        "fused_seeded": lambda: sample(logits, md(seeded)),
+        "torch": lambda: _sample_truncated(logits.float(), md(None)),
+        "torch_seeded": lambda: _sample_truncated(logits.float(), md(seeded)),
+    }
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
@@ -58,26 +72,13 @@ def main() -> None:
     for batch, vocab in CASES:
         logits = torch.randn(batch, vocab, device="cuda").to(torch.bfloat16)
         temperature = torch.full((batch,), 0.6, device="cuda")
-        seeded = [(i, i, 100) for i in range(batch)]
-        cases = {
-            "fused": lambda: sample(logits, SamplingMetadata(temperature=temperature, all_greedy=False)),
-            "fused_seeded": lambda: sample(
-                logits, SamplingMetadata(temperature=temperature, all_greedy=False, seeded_rows=seeded)
-            ),
-            "torch": lambda: _sample_truncated(
-                logits.float(), SamplingMetadata(temperature=temperature, all_greedy=False)
-            ),
-            "torch_seeded": lambda: _sample_truncated(
-                logits.float(),
-                SamplingMetadata(temperature=temperature, all_greedy=False, seeded_rows=seeded),
-            ),
-        }
+        cases = make_cases(logits, temperature, [(i, i, 100) for i in range(batch)])
         for name, fn in cases.items():
             gpu_us, wall_us = timed(fn, args.warmup, args.repeats)
-            rows.append(
-                {"case": name, "batch": batch, "vocab": vocab, "gpu_us": gpu_us, "wall_us": wall_us}
+            rows.append({"case": name, "batch": batch, "vocab": vocab, "gpu_us": gpu_us, "wall_us": wall_us})
+            print(
+                f"{name:14s} batch {batch:4d} vocab {vocab:6d}: GPU {gpu_us:8.1f} us, wall {wall_us:8.1f} us"
             )
-            print(f"{name:14s} batch {batch:4d} vocab {vocab:6d}: GPU {gpu_us:8.1f} us, wall {wall_us:8.1f} us")
     write_result(
         args.out,
         {
