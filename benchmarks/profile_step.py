@@ -1,13 +1,25 @@
-"""Where a step's time goes: torch.profiler over a window of engine steps, in-process engine.
+"""Where a decode step's time goes, in the engine's own async loop (in-process engine).
 
-    python3 benchmarks/profile_step.py --model llama3-8b --batch 256 --prompt-len 512 --decode-steps 64
-Prints the top CUDA kernels by total time and the CPU-side split of a step (schedule, execute,
-update) measured around the engine's own calls.
+    python3 benchmarks/profile_step.py --model smollm2-135m --batch 256 --prompt-len 512
+
+``--batch`` requests with ``--prompt-len``-token prompts are prefilled, then ``--decode-steps``
+decode steps run the way EngineCore.step runs them with async scheduling, each timed in parts:
+
+  schedule   Scheduler.schedule() for step N+1
+  launch     executor.execute_model_async(): inputs, graph replay, sampler launch (host side)
+  wait       step N's result(): blocking on the GPU; near 0 means the host, not the GPU, sets the pace
+  update     Scheduler.update_from_output() for step N
+
+Then torch.profiler over a few steps (CUDA kernels by total time) and cProfile of the host loop
+(functions by own time). Optional ``--out`` writes the medians as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -17,8 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from benchmarks.common import resolve_preset
+from benchmarks.common import environment, resolve_preset, write_result
 from frontend import LLM, SamplingParams
+from ipc.messages import EngineCoreRequest
+
+PARTS = ("schedule", "launch", "wait", "update", "step")
 
 
 def main() -> None:
@@ -30,6 +45,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--seeded", action="store_true", help="give every request a seed")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     llm = LLM(
         model=resolve_preset(args.model),
@@ -42,51 +59,75 @@ def main() -> None:
     )
     core = llm.engine.core
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 10000, size=args.prompt_len).tolist() for _ in range(args.batch)]
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.decode_steps + 8, ignore_eos=True)
-    llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
-    for i, p in enumerate(prompts):
-        from ipc.messages import EngineCoreRequest
-
-        core.add_request(EngineCoreRequest(request_id=f"r{i}", prompt_token_ids=p, sampling_params=params))
-    # Prefill until every request decodes.
-    while (
-        any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running)
-        or core.scheduler.waiting
-    ):
-        core.step()
-    timings = {"schedule": [], "execute": [], "update": [], "step": []}
+    llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=4), use_tqdm=False)
+    total_steps = 3 * args.decode_steps + 32
+    for i in range(args.batch):
+        params = SamplingParams(
+            temperature=args.temperature,
+            max_tokens=total_steps,
+            ignore_eos=True,
+            seed=i if args.seeded else None,
+        )
+        prompt = rng.integers(0, 10000, size=args.prompt_len).tolist()
+        core.add_request(
+            EngineCoreRequest(request_id=f"r{i}", prompt_token_ids=prompt, sampling_params=params)
+        )
     sched, executor = core.scheduler, core.executor
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running) or sched.waiting:
+        core.step()
+    while core._in_flight is not None:  # drain: the loop below owns the in-flight step
+        core.step()
+
+    timings: dict[str, list[float]] = {part: [] for part in PARTS}
+    in_flight = None
 
     def step() -> None:
+        nonlocal in_flight
         t0 = time.perf_counter()
         so = sched.schedule()
         t1 = time.perf_counter()
-        ro = executor.execute_model(so)
+        pending = executor.execute_model_async(so)
         t2 = time.perf_counter()
-        sched.update_from_output(so, ro)
-        t3 = time.perf_counter()
-        timings["schedule"].append(t1 - t0)
-        timings["execute"].append(t2 - t1)
-        timings["update"].append(t3 - t2)
-        timings["step"].append(t3 - t0)
+        t3 = t4 = t2
+        if in_flight is not None:
+            previous, previous_pending = in_flight
+            result = previous_pending.result()
+            t3 = time.perf_counter()
+            sched.update_from_output(previous, result)
+            t4 = time.perf_counter()
+        in_flight = (so, pending)
+        for part, seconds in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+            timings[part].append(seconds)
 
     for _ in range(8):
         step()
-    for v in timings.values():
-        v.clear()
-    for _ in range(args.decode_steps // 2):
+    for values in timings.values():
+        values.clear()
+    for _ in range(args.decode_steps):
         step()
-    print(
-        {k: f"{1000 * float(np.median(v)):.3f} ms" for k, v in timings.items()}, "batch", len(sched.running)
-    )
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
-    ) as prof:
+    medians_ms = {part: 1000 * float(np.median(v)) for part, v in timings.items()}
+    print("median ms per step:", {k: round(v, 3) for k, v in medians_ms.items()}, "batch", len(sched.running))
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(8):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.decode_steps):
+        step()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    print(text.getvalue())
+    if args.out:
+        write_result(
+            args.out,
+            {"benchmark": "profile_step", "model": args.model, **environment(), "settings": vars(args),
+             "median_ms": medians_ms},
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
