@@ -75,8 +75,10 @@ def main() -> None:
     sched, executor = core.scheduler, core.executor
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running) or sched.waiting:
         core.step()
-    while core._in_flight is not None:  # drain: the loop below owns the in-flight step
-        core.step()
+    if core._in_flight is not None:  # finish the engine's in-flight step: the loop below owns the next
+        previous, pending = core._in_flight
+        sched.update_from_output(previous, pending.result())
+        core._in_flight = None
 
     timings: dict[str, list[float]] = {part: [] for part in PARTS}
     in_flight = None
@@ -108,11 +110,12 @@ def main() -> None:
     medians_ms = {part: 1000 * float(np.median(v)) for part, v in timings.items()}
     print("median ms per step:", {k: round(v, 3) for k, v in medians_ms.items()}, "batch", len(sched.running))
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(8):
-            step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    if torch.cuda.is_available():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(8):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
 
     profiler = cProfile.Profile()
     profiler.enable()

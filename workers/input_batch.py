@@ -34,6 +34,16 @@ class InputBatch:
         self.num_pending = np.zeros(max_num_reqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
+        # Sampling parameters per row, set at admission, so a step gathers them with one index
+        # instead of a pass over Python objects per parameter.
+        self.num_prompt = np.zeros(max_num_reqs, dtype=np.int64)
+        self.temperature = np.zeros(max_num_reqs, dtype=np.float32)
+        self.seed = np.zeros(max_num_reqs, dtype=np.uint64)  # seed mod 2^64 (see noise_seeds)
+        self.seeded = np.zeros(max_num_reqs, dtype=bool)
+        # top-k / top-p / min-p, penalties, logit bias or min_tokens, logprobs: rows that leave the
+        # plain temperature path.
+        self.truncates = np.zeros(max_num_reqs, dtype=bool)
+        self.special = np.zeros(max_num_reqs, dtype=bool)
         self.states: dict[str, RequestState] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
 
@@ -53,9 +63,21 @@ class InputBatch:
         self.num_computed[row] = new.num_computed_tokens
         self.block_table[row, : len(new.block_ids)] = new.block_ids
         self.num_blocks[row] = len(new.block_ids)
-        state = RequestState(
-            new.req_id, row, new.sampling_params, len(new.prompt_token_ids), new.eos_token_id
+        p = new.sampling_params
+        self.num_prompt[row] = len(new.prompt_token_ids)
+        self.temperature[row] = p.temperature
+        self.seeded[row] = p.seed is not None and not p.is_greedy
+        self.seed[row] = (p.seed or 0) % 2**64
+        self.truncates[row] = p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+        self.special[row] = bool(
+            p.presence_penalty
+            or p.frequency_penalty
+            or p.repetition_penalty != 1.0
+            or p.logit_bias
+            or p.min_tokens
+            or p.logprobs is not None
         )
+        state = RequestState(new.req_id, row, p, len(new.prompt_token_ids), new.eos_token_id)
         self.states[new.req_id] = state
         return state
 
@@ -76,6 +98,13 @@ class InputBatch:
         if n < self.max_model_len:
             self.token_ids[row, n] = token_id
             self.num_tokens[row] = n + 1
+
+    def noise_seeds(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Per-row keys of seeded rows at their output positions: ``_seeded_key`` of the sampler,
+        (seed * A + position * B + 1) mod 2^63, in wrapping uint64 arithmetic (2^63 divides 2^64)."""
+        key = self.seed[rows] * np.uint64(6364136223846793005)
+        key += positions.astype(np.uint64) * np.uint64(1442695040888963407) + np.uint64(1)
+        return (key & np.uint64(2**63 - 1)).astype(np.int64)
 
     def output_token_ids(self, state: RequestState) -> np.ndarray:
         return self.token_ids[state.row, state.num_prompt_tokens : self.num_tokens[state.row]]

@@ -6,7 +6,9 @@ device-to-host transfer of the step is the sampled token ids (plus logprobs when
 
 from __future__ import annotations
 
+import bisect
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,7 +16,8 @@ import torch
 from ipc.messages import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from workers.input_batch import InputBatch, RequestState
 from workers.models.llama import AttentionMetadata
-from workers.sampler import SamplerOutput, SamplingMetadata, row_seeds, sample
+from workers.sampler import SamplerOutput, SamplingMetadata, sample
+from workers.staging import HostStaging
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphs | None = None
         self._last: PendingStep | None = None  # the most recent step that sampled
+        self._staging: HostStaging | None = None  # created on the first CUDA step
+        # Noise seeds of unseeded rows; seeded from torch's seed, the same on every TP rank.
+        self._noise_rng = np.random.default_rng(torch.initial_seed())
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -78,58 +84,94 @@ class ModelRunner:
         batch = self.batch
         req_ids = list(so.num_scheduled_tokens)
         states = [batch.states[r] for r in req_ids]
-        if self._last is not None and any(_needs_history(s.sampling_params) for s in states):
-            self._last.result()  # penalties need every output token on the host
         rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
+        needs_history = batch.special[rows].any() and any(_needs_history(s.sampling_params) for s in states)
+        if self._last is not None and needs_history:
+            self._last.result()  # penalties need every output token on the host
         num_sched = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(states))
         computed = batch.num_computed[rows]
         query_start = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(num_sched, out=query_start[1:])
         total = int(query_start[-1])
-        token_req = np.repeat(np.arange(len(rows)), num_sched)
-        positions = computed[token_req] + (np.arange(total) - query_start[token_req])
+        is_decode = total == len(rows)
+        if is_decode:  # one token per request: no repeat / gather needed
+            token_req = np.arange(len(rows))
+            positions = computed
+        else:
+            token_req = np.repeat(np.arange(len(rows)), num_sched)
+            positions = computed[token_req] + (np.arange(total) - query_start[token_req])
         token_rows = rows[token_req]
         input_ids = batch.token_ids[token_rows, np.minimum(positions, batch.max_model_len - 1)]
         seq_lens = computed + num_sched
         bs = self.block_size
         slot_mapping = batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         max_blocks = -(-int(seq_lens.max()) // bs)
-        block_tables = np.ascontiguousarray(batch.block_table[rows, :max_blocks])
+        block_tables = batch.block_table[rows, :max_blocks]
         # A request samples when this step reaches the end of its tokens (known or in flight).
         samples = seq_lens >= batch.num_tokens[rows]
         batch.num_computed[rows] = seq_lens
-        input_ids_dev = self._to_device(input_ids)
         in_flight = np.nonzero(positions >= batch.num_tokens[token_rows])[0]
+        in_flight_src = None
         if len(in_flight):
-            prev = self._last
-            src = [prev.index_of[states[token_req[t]].req_id] for t in in_flight]
-            input_ids_dev[self._to_device(in_flight)] = prev.token_ids_dev[self._to_device(np.array(src))]
-
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(slot_mapping),
-            block_tables=self._to_device(block_tables),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            query_start_loc=self._to_device(query_start.astype(np.int32)),
-            max_query_len=int(num_sched.max()),
-            max_seq_len=int(seq_lens.max()),
-        )
-        if not samples.any():
-            self.model(input_ids_dev, self._to_device(positions), self.kv_caches, meta)
-            return PendingStep.empty()
+            index_of = self._last.index_of
+            in_flight_src = np.fromiter(
+                (index_of[req_ids[t]] for t in token_req[in_flight]), dtype=np.int64, count=len(in_flight)
+            )
         sample_idx = np.nonzero(samples)[0]
-        is_decode = total == len(rows) and bool(samples.all())
-        if is_decode and self.graphs is not None and self.graphs.fits(total):
-            logits = self.graphs.run(input_ids_dev, positions, slot_mapping, block_tables, seq_lens)
-        else:
-            hidden = self.model(input_ids_dev, self._to_device(positions), self.kv_caches, meta)
-            logits = self.model.compute_logits(hidden[self._to_device(query_start[1:][sample_idx] - 1)])
         sample_states = [states[i] for i in sample_idx]
-        out = sample(logits, self._sampling_metadata(sample_states))
-        for state in sample_states:
-            batch.num_pending[state.row] += 1
+        sampling = self._sampling_arrays(rows[sample_idx], sample_states)
+        use_graph = (
+            is_decode and len(sample_idx) == len(rows) and self.graphs is not None and self.graphs.fits(total)
+        )
+        if use_graph:
+            # Padded to the graph's size on the host, so each static input is filled by one copy.
+            size = self.graphs.size_for(total)
+            positions, slot_mapping, seq_lens = (
+                _pad(positions, size, 0),
+                _pad(slot_mapping, size, -1),
+                _pad(seq_lens, size, 0),
+            )
+            query_start = np.minimum(np.arange(size + 1), total)
+        arrays = [input_ids, positions, slot_mapping, block_tables, seq_lens.astype(np.int32)]
+        arrays += [query_start.astype(np.int32), *sampling.host]
+        if in_flight_src is not None:
+            arrays += [in_flight, in_flight_src]
+        uploaded = self._upload(*arrays)
+        ids_dev, pos_dev, slots_dev, tables_dev, lens_dev, qsl_dev = uploaded[:6]
+        if in_flight_src is not None:
+            ids_dev[uploaded[-2]] = self._last.token_ids_dev[uploaded[-1]]
+        md = sampling.metadata(uploaded[6 : 6 + len(sampling.host)], self)
+
+        if use_graph:
+            logits = self.graphs.run(ids_dev, pos_dev, slots_dev, tables_dev, lens_dev, qsl_dev, total)
+        else:
+            meta = AttentionMetadata(
+                slot_mapping=slots_dev,
+                block_tables=tables_dev,
+                seq_lens=lens_dev,
+                query_start_loc=qsl_dev,
+                max_query_len=int(num_sched.max()),
+                max_seq_len=int(seq_lens.max()),
+            )
+            hidden = self.model(ids_dev, pos_dev, self.kv_caches, meta)
+            if not len(sample_idx):
+                return PendingStep.empty()
+            if len(sample_idx) == len(rows) and total == len(rows):
+                logits = self.model.compute_logits(hidden)
+            else:
+                logits = self.model.compute_logits(hidden[self._to_device(query_start[1:][sample_idx] - 1)])
+        out = sample(logits, md)
+        batch.num_pending[rows[sample_idx]] += 1
         step = PendingStep(self, sample_states, out)
         self._last = step
         return step
+
+    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        if self.device.type == "cpu":
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        if self._staging is None:
+            self._staging = HostStaging(self.device)
+        return self._staging.upload(*arrays)
 
     # ------------------------------------------------------------------ memory profile
     def warmup(self) -> None:
@@ -186,12 +228,34 @@ class ModelRunner:
         return self.graphs.sizes
 
     # ------------------------------------------------------------------ sampling inputs
-    def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
+    def _sampling_arrays(self, rows: np.ndarray, states: list[RequestState]) -> SamplingArrays:
+        """The host side of the step's sampling inputs, gathered from the batch's per-row arrays.
+
+        Rows that need more than temperature (top-k/p, min-p, penalties, bias, min_tokens,
+        logprobs) take the general path, which reads their SamplingParams."""
+        batch = self.batch
+        temperature = batch.temperature[rows]
+        all_greedy = bool((temperature < 1e-5).all()) if len(rows) else True
+        if all_greedy:
+            host: list[np.ndarray] = [temperature]
+        else:
+            # Unseeded rows: a generator seeded like torch's, so every TP rank draws the same.
+            seeds = self._noise_rng.integers(0, 2**62, size=len(rows), dtype=np.int64)
+            seeded = batch.seeded[rows]
+            if seeded.any():
+                # Tokens still in flight count: the seed position must not depend on whether
+                # the previous step's tokens have reached the host yet.
+                outputs = batch.num_tokens[rows] + batch.num_pending[rows] - batch.num_prompt[rows]
+                seeds = np.where(seeded, batch.noise_seeds(rows, outputs), seeds)
+            host = [temperature, seeds]
+        general = bool(len(rows)) and bool(batch.special[rows].any() or batch.truncates[rows].any())
+        return SamplingArrays(host=host, all_greedy=all_greedy, states=states if general else None)
+
+    def _general_sampling(self, md: SamplingMetadata, states: list[RequestState]) -> None:
+        """Fill in top-k/p, min-p, seeds of the torch path, penalties, bias and logprobs."""
         batch = self.batch
         params = [s.sampling_params for s in states]
         to_dev = self._to_device
-        temperature = np.fromiter((p.temperature for p in params), dtype=np.float32, count=len(params))
-        md = SamplingMetadata(temperature=to_dev(temperature), all_greedy=all(p.is_greedy for p in params))
         if any(p.top_k > 0 for p in params):
             md.top_k = to_dev(np.array([p.top_k for p in params], dtype=np.int64))
         if any(p.top_p < 1.0 for p in params):
@@ -208,8 +272,6 @@ class ModelRunner:
             for i, p in enumerate(params)
             if p.seed is not None and not p.is_greedy
         ]
-        if not md.all_greedy:
-            md.seeds = row_seeds(len(states), md.seeded_rows, self.device, to_dev)
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
             self._penalty_inputs(md, states)
         rows, tokens, values = [], [], []
@@ -229,7 +291,6 @@ class ModelRunner:
             md.bias_values = to_dev(np.array(values, dtype=np.float32))
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         md.max_num_logprobs = max(wanted) if wanted else None
-        return md
 
     def _penalty_inputs(self, md: SamplingMetadata, states: list[RequestState]) -> None:
         params = [s.sampling_params for s in states]
@@ -245,11 +306,37 @@ class ModelRunner:
         prompts = [self.batch.prompt_token_ids(s) for s in states]
         # The token being sampled now is not yet in the batch; outputs are everything after the prompt.
         outputs = [self.batch.output_token_ids(s) for s in states]
-        md.prompt_token_ids = self._to_device(_pad(prompts, self.vocab_size))
-        md.output_token_ids = self._to_device(_pad(outputs, self.vocab_size))
+        md.prompt_token_ids = self._to_device(_pad_rows(prompts, self.vocab_size))
+        md.output_token_ids = self._to_device(_pad_rows(outputs, self.vocab_size))
 
 
-def _pad(seqs: list[np.ndarray], fill: int) -> np.ndarray:
+@dataclass(slots=True)
+class SamplingArrays:
+    """A step's sampling inputs on the host (uploaded with the step's other inputs)."""
+
+    host: list[np.ndarray]  # temperature, then the noise seeds unless every row is greedy
+    all_greedy: bool
+    states: list[RequestState] | None  # set when some row needs the general path
+
+    def metadata(self, uploaded: list[torch.Tensor], runner: ModelRunner) -> SamplingMetadata:
+        md = SamplingMetadata(temperature=uploaded[0], all_greedy=self.all_greedy)
+        if not self.all_greedy:
+            md.seeds = uploaded[1]
+        if self.states is not None:
+            runner._general_sampling(md, self.states)
+        return md
+
+
+def _pad(array: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """``array`` extended to ``size`` entries with ``fill``."""
+    if len(array) == size:
+        return array
+    out = np.full(size, fill, dtype=array.dtype)
+    out[: len(array)] = array
+    return out
+
+
+def _pad_rows(seqs: list[np.ndarray], fill: int) -> np.ndarray:
     out = np.full((len(seqs), max(1, max(len(s) for s in seqs))), fill, dtype=np.int64)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
@@ -321,27 +408,27 @@ class CudaGraphs:
         )
         return self.runner.model(self.input_ids[:size], self.positions[:size], self.runner.kv_caches, meta)
 
+    def size_for(self, batch: int) -> int:
+        """The smallest captured size that holds ``batch`` sequences."""
+        return self.sizes[bisect.bisect_left(self.sizes, batch)]
+
     def run(
         self,
-        input_ids: torch.Tensor,
-        positions: np.ndarray,
-        slot_mapping: np.ndarray,
-        block_tables: np.ndarray,
-        seq_lens: np.ndarray,
+        input_ids: torch.Tensor,  # [n]
+        positions: torch.Tensor,  # [size], padded: the rest is what the padding rows read
+        slot_mapping: torch.Tensor,  # [size], -1 past n
+        block_tables: torch.Tensor,  # [n, width]
+        seq_lens: torch.Tensor,  # [size], 0 past n
+        query_start_loc: torch.Tensor,  # [size + 1]
+        n: int,
     ) -> torch.Tensor:
-        n = len(input_ids)
-        size = next(s for s in self.sizes if s >= n)
-        to_dev = self.runner._to_device
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(to_dev(positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(to_dev(slot_mapping), non_blocking=True)
-        self.block_tables[:n, : block_tables.shape[1]].copy_(to_dev(block_tables), non_blocking=True)
-        self.seq_lens[:n].copy_(to_dev(seq_lens.astype(np.int32)), non_blocking=True)
-        if size > n:  # padding sequences: no query tokens, nothing written
-            self.seq_lens[n:size].zero_()
-            self.slot_mapping[n:size].fill_(-1)
-        starts = np.minimum(np.arange(size + 1), n).astype(np.int32)
-        self.query_start_loc[: size + 1].copy_(to_dev(starts), non_blocking=True)
+        size = len(positions)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:size].copy_(positions)
+        self.slot_mapping[:size].copy_(slot_mapping)
+        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
+        self.seq_lens[:size].copy_(seq_lens)
+        self.query_start_loc[: size + 1].copy_(query_start_loc)
         self.graphs[size].replay()
         self.replays += 1
         return self.runner.model.compute_logits(self.hidden[size][:n])

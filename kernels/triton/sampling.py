@@ -5,8 +5,8 @@ noise (the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, in log space): no
 no normalisation, so the logits are read exactly once and never written. Greedy rows
 (``T < 1e-5``) take the plain argmax in the same pass.
 
-The noise is counter-based (Philox, ``tl.rand``): row ``r`` draws ``u = rand(seeds[r], token)``,
-so a row's token depends only on its logits and its seed, never on the rest of the batch and with
+The noise is counter-based (Philox, ``tl.rand4x``): row ``r``'s uniforms are a function of
+``seeds[r]`` and the token index alone, so a row's token depends only on its logits and its seed, never on the rest of the batch and with
 no generator object per request. A seeded request's seed is derived from (seed, output position)
 by the caller; unseeded rows get seeds from the device's default generator.
 
@@ -26,6 +26,22 @@ _GREEDY_EPS = 1e-5
 
 
 @triton.jit
+def _race_sub_block(row_ptr, tokens, u, vocab, inv_t, greedy):
+    """(best score, lowest token reaching it) over one block of tokens with its uniforms ``u``."""
+    valid = tokens < vocab
+    x = tl.load(row_ptr + tokens, mask=valid, other=float("-inf")).to(tl.float32)
+    # Scores in base-2 units (a positive scale leaves the argmax alone): x / T * log2(e) plus
+    # Gumbel / ln 2 = -log2(E), E = -ln(u) = -log2(u) * ln 2. u == 0 gives -inf: that token cannot
+    # win (probability 2^-31).
+    gumbel = -tl.log2(-tl.log2(u) * 0.6931471805599453)
+    score = tl.where(greedy, x, x * inv_t + gumbel)
+    score = tl.where(valid, score, float("-inf"))
+    best = tl.max(score, 0)
+    token = tl.min(tl.where(score == best, tokens, vocab), 0)
+    return best, token
+
+
+@triton.jit
 def _race_chunk_kernel(
     logits_ptr,
     temperature_ptr,
@@ -40,26 +56,32 @@ def _race_chunk_kernel(
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    tokens = chunk * BLOCK + tl.arange(0, BLOCK)
-    valid = tokens < vocab
-    x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + tokens, mask=valid, other=float("-inf"))
-    x = x.to(tl.float32)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     temperature = tl.load(temperature_ptr + row)
     seed = tl.load(seeds_ptr + row)
-    u = tl.rand(seed, tokens)
-    # Gumbel(0, 1) = -log(E), E = -log(u); u == 0 gives -inf, a token that cannot win (p = 2^-32).
-    gumbel = -tl.log(-tl.log(u))
     greedy = temperature < GREEDY_EPS
-    inv_t = 1.0 / tl.where(greedy, 1.0, temperature)
-    score = tl.where(greedy, x, x * inv_t + gumbel)
-    score = tl.where(valid, score, float("-inf"))
-    best = tl.max(score, 0)
-    # Lowest index among the maxima (an all -inf chunk still names a valid token).
-    token = tl.min(tl.where(score == best, tokens, vocab), 0)
-    token = tl.minimum(token, vocab - 1)
+    inv_t = 1.4426950408889634 / tl.where(greedy, 1.0, temperature)
+    # One Philox call yields four uniforms: counter c feeds tokens c, c + Q, c + 2Q, c + 3Q of the
+    # chunk (a quarter of the generator's work of one call per token; the RNG, not the memory,
+    # bounded this kernel).
+    QUARTER: tl.constexpr = BLOCK // 4
+    lanes = tl.arange(0, QUARTER)
+    u0, u1, u2, u3 = tl.rand4x(seed, chunk * QUARTER + lanes)
+    base = chunk * BLOCK + lanes
+    best, token = _race_sub_block(row_ptr, base, u0, vocab, inv_t, greedy)
+    # Later sub-blocks hold higher tokens: they win only when strictly better (ties stay lowest).
+    for_best, for_token = _race_sub_block(row_ptr, base + QUARTER, u1, vocab, inv_t, greedy)
+    token = tl.where(for_best > best, for_token, token)
+    best = tl.maximum(best, for_best)
+    for_best, for_token = _race_sub_block(row_ptr, base + 2 * QUARTER, u2, vocab, inv_t, greedy)
+    token = tl.where(for_best > best, for_token, token)
+    best = tl.maximum(best, for_best)
+    for_best, for_token = _race_sub_block(row_ptr, base + 3 * QUARTER, u3, vocab, inv_t, greedy)
+    token = tl.where(for_best > best, for_token, token)
+    best = tl.maximum(best, for_best)
     out = row * num_chunks + chunk
     tl.store(best_score_ptr + out, best)
-    tl.store(best_token_ptr + out, token)
+    tl.store(best_token_ptr + out, tl.minimum(token, vocab - 1))  # an all -inf chunk names a real token
 
 
 @triton.jit
@@ -84,7 +106,7 @@ def sample_race(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Te
         return out
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    block = min(_BLOCK, triton.next_power_of_2(vocab))
+    block = max(64, min(_BLOCK, triton.next_power_of_2(vocab)))
     chunks = triton.cdiv(vocab, block)
     best_score = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
     best_token = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
