@@ -281,7 +281,8 @@ def main() -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
-        "git_commit": subprocess.run(
+        "git_commit": os.environ.get("PAGEDSERVE_GIT_COMMIT")
+        or subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
         or "unknown",
