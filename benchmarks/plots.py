@@ -277,7 +277,18 @@ def plot_serving(results_dir: Path, out_dir: Path) -> list[Path]:
     if not records:
         print(f"no serving_*.json in {results_dir}: skipping the online serving plots")
         return []
-    ours = [p for r in records if (p := serving_point(r)) is not None]
+    # One point per (engine, model, rate): the newest run (older builds stay on disk as history;
+    # runs of other server settings live in results/variants/, which is not read).
+    newest: dict[tuple[str, str, float], tuple[str, ServingPoint]] = {}
+    for record in records:
+        point = serving_point(record)
+        if point is None:
+            continue
+        key = (point.engine, point.model, point.rate)
+        stamp = str(record.get("timestamp", ""))
+        if key not in newest or stamp >= newest[key][0]:
+            newest[key] = (stamp, point)
+    ours = [point for _, point in newest.values()]
     written = []
     for model in ordered_models({p.model for p in ours}):
         points = [p for p in ours if p.model == model]
