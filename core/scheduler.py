@@ -93,21 +93,25 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         preempted = False
 
+        # Hot loop (every running request, every step): attributes read once into locals.
+        max_model_len = self.config.max_model_len
+        allocate_slots = self.kv.allocate_slots
         for request in list(self.running):
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if budget == 0:
                 break
+            num_tokens = request.num_tokens
             pending = request.num_output_placeholders
             if pending and (
                 request.num_output_tokens + pending >= request.max_tokens
-                or request.num_tokens + pending >= self.config.max_model_len
+                or num_tokens + pending >= max_model_len
             ):
                 continue  # the token in flight is its last: nothing more to schedule
-            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget)
+            num_new = min(num_tokens + pending - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
-            while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
+            while (new_blocks := allocate_slots(request, num_new)) is None:
                 victim = self._choose_victim()
                 preempted = True
                 if victim.request_id in cached:
@@ -163,11 +167,11 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             budget -= num_new
 
-        cached_data = CachedRequestData()
-        for request_id, (_, new_blocks, computed) in cached.items():
-            cached_data.req_ids.append(request_id)
-            cached_data.new_block_ids.append(new_blocks)
-            cached_data.num_computed_tokens.append(computed)
+        cached_data = CachedRequestData(
+            req_ids=list(cached),
+            new_block_ids=[entry[1] for entry in cached.values()],
+            num_computed_tokens=[entry[2] for entry in cached.values()],
+        )
 
         drops, self._worker_drops = self._worker_drops, []
         self._in_worker.difference_update(drops)
@@ -181,12 +185,19 @@ class Scheduler:
         )
         # Advance now, so the next schedule() can already hand out the following chunk (and, with
         # async scheduling, the token this step will sample).
+        requests = self.requests
+        num_prompt_tokens = 0
         for request_id, n in num_scheduled.items():
-            request = self.requests[request_id]
-            self._num_prompt_tokens += max(0, min(request.num_prompt_tokens - request.num_computed_tokens, n))
-            request.num_computed_tokens += n
-            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+            request = requests[request_id]
+            computed = request.num_computed_tokens
+            prompt_left = request.num_prompt_tokens - computed
+            if prompt_left > 0:
+                num_prompt_tokens += min(prompt_left, n)
+            computed += n
+            request.num_computed_tokens = computed
+            if computed >= request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1
+        self._num_prompt_tokens += num_prompt_tokens
         return output
 
     def _choose_victim(self) -> Request:
@@ -209,16 +220,18 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
+        requests = self.requests
+        all_logprobs = runner_output.logprobs
         for request_id, token_id in zip(runner_output.req_ids, runner_output.sampled_token_ids):
-            request = self.requests.get(request_id)
-            if request is None or request.is_finished:
+            request = requests.get(request_id)
+            if request is None or request.status == RequestStatus.FINISHED:
                 continue  # aborted while the step ran
             request.num_output_placeholders -= 1
             # A request preempted while its token was in flight still gets it: the token was
             # sampled from the right context, and the resume recomputes it like any other.
-            request.output_token_ids.append(token_id)
-            self._num_generation_tokens += 1
-            logprobs = runner_output.logprobs.get(request_id)
+            output_token_ids = request.output_token_ids
+            output_token_ids.append(token_id)
+            logprobs = all_logprobs.get(request_id) if all_logprobs else None
             self._check_stop(request, token_id)
             outputs.append(
                 EngineCoreOutput(
@@ -228,9 +241,7 @@ class Scheduler:
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
-                    first_scheduled_time=request.first_scheduled_time
-                    if request.num_output_tokens == 1
-                    else None,
+                    first_scheduled_time=request.first_scheduled_time if len(output_token_ids) == 1 else None,
                 )
             )
             if request.finish_reason is not None:
@@ -239,20 +250,24 @@ class Scheduler:
                 else:
                     self.waiting.remove(request)
                 self._free_request(request)
+        self._num_generation_tokens += len(outputs)
         return outputs
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.sampling_params
-        num_out = request.num_output_tokens
+        num_out = len(request.output_token_ids)
         if num_out >= params.min_tokens:
             if token_id == request.eos_token_id and not params.ignore_eos:
                 request.finish_reason = FinishReason.STOP
                 return
-            if token_id in params.stop_token_ids:
+            if params.stop_token_ids and token_id in params.stop_token_ids:
                 request.finish_reason = FinishReason.STOP
                 request.stop_reason = token_id
                 return
-        if num_out >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+        max_tokens = params.max_tokens
+        if (max_tokens is not None and num_out >= max_tokens) or (
+            len(request.prompt_token_ids) + num_out >= self.config.max_model_len
+        ):
             request.finish_reason = FinishReason.LENGTH
 
     def _free_request(self, request: Request) -> None:
