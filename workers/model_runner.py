@@ -120,9 +120,10 @@ class ModelRunner:
         sample_idx = np.nonzero(samples)[0]
         sample_states = [states[i] for i in sample_idx]
         sampling = self._sampling_arrays(rows[sample_idx], sample_states)
-        use_graph = (
-            is_decode and len(sample_idx) == len(rows) and self.graphs is not None and self.graphs.fits(total)
-        )
+        # The hidden rows whose logits are needed: each sampling request's last token.
+        every_row_samples = is_decode and len(sample_idx) == len(rows)
+        logit_rows = None if every_row_samples else query_start[1:][sample_idx] - 1
+        use_graph = every_row_samples and self.graphs is not None and self.graphs.fits(total)
         if use_graph:
             # Padded to the graph's size on the host, so each static input is filled by one copy.
             size = self.graphs.size_for(total)
@@ -134,13 +135,16 @@ class ModelRunner:
             query_start = np.minimum(np.arange(size + 1), total)
         arrays = [input_ids, positions, slot_mapping, block_tables, seq_lens.astype(np.int32)]
         arrays += [query_start.astype(np.int32), *sampling.host]
+        if logit_rows is not None:
+            arrays.append(logit_rows)
         if in_flight_src is not None:
             arrays += [in_flight, in_flight_src]
         uploaded = self._upload(*arrays)
         ids_dev, pos_dev, slots_dev, tables_dev, lens_dev, qsl_dev = uploaded[:6]
+        md = sampling.metadata(uploaded[6 : 6 + len(sampling.host)], self)
+        logit_rows_dev = uploaded[6 + len(sampling.host)] if logit_rows is not None else None
         if in_flight_src is not None:
             ids_dev[uploaded[-2]] = self._last.token_ids_dev[uploaded[-1]]
-        md = sampling.metadata(uploaded[6 : 6 + len(sampling.host)], self)
 
         if use_graph:
             logits = self.graphs.run(ids_dev, pos_dev, slots_dev, tables_dev, lens_dev, qsl_dev, total)
@@ -156,10 +160,7 @@ class ModelRunner:
             hidden = self.model(ids_dev, pos_dev, self.kv_caches, meta)
             if not len(sample_idx):
                 return PendingStep.empty()
-            if len(sample_idx) == len(rows) and total == len(rows):
-                logits = self.model.compute_logits(hidden)
-            else:
-                logits = self.model.compute_logits(hidden[self._to_device(query_start[1:][sample_idx] - 1)])
+            logits = self.model.compute_logits(hidden if logit_rows_dev is None else hidden[logit_rows_dev])
         out = sample(logits, md)
         batch.num_pending[rows[sample_idx]] += 1
         step = PendingStep(self, sample_states, out)

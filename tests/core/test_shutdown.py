@@ -17,11 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
     sys.path.insert(0, {root!r})
     from frontend.llm import LLM
 
     if __name__ == "__main__":
+        # A process started in the background by a shell without job control inherits SIGINT
+        # ignored, and Python keeps it so: restore Ctrl-C, which is what the SIGINT case tests.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         llm = LLM({model!r}, skip_tokenizer_init=True, tensor_parallel_size=2, max_model_len=128,
                   num_gpu_blocks_override=64)
         llm.generate([[1, 2, 3]], use_tqdm=False)
