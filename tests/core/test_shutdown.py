@@ -83,7 +83,10 @@ def test_no_engine_process_outlives_the_frontend(
         # Generous: an orderly stop (SIGINT) drains the engine and its workers, which on a
         # loaded two-core CI machine has taken over 30 s. What is checked is that nothing is left.
         proc.wait(timeout=90)
-        deadline = time.monotonic() + 20
+        # After SIGKILL / SIGTERM the engine core stops on its own (parent-death signal): it joins
+        # its socket threads (up to 5 s each) and then stops the workers, which on the 2-core VM
+        # has run past 20 s. Again what is checked is that nothing is left, not how fast.
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (
             any(_alive(p) for p in pids) or set(os.listdir("/dev/shm")) - shm_before
         ):
