@@ -13,7 +13,6 @@ every row's noise is keyed by a per-row seed, so seeded rows cost nothing extra.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ class SamplingMetadata:
     min_p: torch.Tensor | None = None  # fp32 [B], 0 = off
     # (row, seed, output position) of seeded random rows
     seeded_rows: list[tuple[int, int, int]] | None = None
-    # int64 [B] per-row noise seeds (row_seeds); built by the sampler when None
+    # int64 [B] per-row noise seeds; built by the sampler (_row_seeds) when None
     seeds: torch.Tensor | None = None
     # Penalties: per-row values and the token history they look at.
     presence_penalty: torch.Tensor | None = None  # fp32 [B]
@@ -96,21 +95,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     logits.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def row_seeds(
-    num_rows: int,
-    seeded_rows: list[tuple[int, int, int]] | None,
-    device: torch.device,
-    upload: Callable[[np.ndarray], torch.Tensor] = torch.from_numpy,
+def _row_seeds(
+    num_rows: int, seeded_rows: list[tuple[int, int, int]] | None, device: torch.device
 ) -> torch.Tensor:
-    """int64 [B] noise seeds for ``sample_race``: drawn from the device's default generator (the
-    same on every TP rank), with seeded requests' rows keyed by (seed, output position)."""
+    """int64 [B] noise seeds for ``sample_race`` when the caller gave none (the ModelRunner builds
+    them with the step's inputs): drawn from the device's default generator, with seeded
+    requests' rows keyed by (seed, output position)."""
     seeds = torch.randint(0, 2**62, (num_rows,), dtype=torch.int64, device=device)
     if seeded_rows:
         rows = np.fromiter((r for r, _, _ in seeded_rows), dtype=np.int64, count=len(seeded_rows))
         keys = np.fromiter(
             (_seeded_key(s, p) for _, s, p in seeded_rows), dtype=np.int64, count=len(seeded_rows)
         )
-        seeds[upload(rows).to(device)] = upload(keys).to(device)
+        seeds[torch.from_numpy(rows).to(device)] = torch.from_numpy(keys).to(device)
     return seeds
 
 
@@ -127,7 +124,7 @@ def sample(logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         tokens = logits.argmax(dim=-1)
     elif md.top_k is None and md.top_p is None and md.min_p is None:
         # Temperature alone: one pass over the logits, the noise keyed per row.
-        seeds = md.seeds if md.seeds is not None else row_seeds(len(logits), md.seeded_rows, logits.device)
+        seeds = md.seeds if md.seeds is not None else _row_seeds(len(logits), md.seeded_rows, logits.device)
         tokens = ops.sample_race(logits, md.temperature, seeds)
     else:
         tokens = _sample_truncated(logits.float(), md)
