@@ -29,6 +29,6 @@ for rate in ${RATES:-12 inf}; do
   n=${NUM_PROMPTS:-300}
   [ "$rate" = inf ] && n=256
   python3 benchmarks/serving.py --base-url "http://127.0.0.1:$port" --model "$model" --num-prompts "$n" \
-    --request-rate "$rate" --server-tensor-parallel-size "$tp" --disable-tqdm --out "$out/serving_pagedserve_${model}_rate${rate}_${tag}.json" 2>&1 | tail -14
+    --request-rate "$rate" --server-tensor-parallel-size "$tp" --server-pid "$server" --disable-tqdm --out "$out/serving_pagedserve_${model}_rate${rate}_${tag}.json" 2>&1 | tail -16
 done
 kill -INT $server; wait $server

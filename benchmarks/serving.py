@@ -38,6 +38,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, make_workload
+from benchmarks.server_probe import cpu_utilisation, histogram_means_ms, histogram_totals, process_tree_cpu
 
 PERCENTILES = (50, 90, 99)
 ERROR_TEXT_CHARS = 500  # keep failure records readable when a server returns a whole HTML page
@@ -117,6 +118,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-warmups", type=int, default=1, help="short untimed requests sent first")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any byte")
+    parser.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="the server's pid (same machine): record the CPU use of its processes during the run",
+    )
     parser.add_argument("--disable-tqdm", action="store_true")
     parser.add_argument("--out", default=None, help="write the JSON record here")
     args = parser.parse_args(argv)
@@ -423,6 +430,15 @@ def build_record(
     }
 
 
+async def scrape_histograms(http: httpx.AsyncClient) -> dict[str, tuple[float, float]]:
+    """The server's latency histograms (sum, count); empty where it has no /metrics."""
+    try:
+        response = await http.get("/metrics")
+    except httpx.HTTPError:
+        return {}
+    return histogram_totals(response.text) if response.status_code == 200 else {}
+
+
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     requests = build_requests(args)
     async with make_client(args) as http:
@@ -433,8 +449,21 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         card = next((c for c in cards if c.get("id") == model), cards[0] if cards else {})
         engine = args.engine_label or card.get("owned_by") or "unknown"
         await warm_up(http, args, model, requests)
+        histograms = await scrape_histograms(http)
+        server_cpu = process_tree_cpu(args.server_pid) if args.server_pid else {}
+        client_cpu = time.process_time()
         results, duration = await run_all(http, args, model, requests)
-    return build_record(args, model, engine, version, results, duration)
+        client_cpu = time.process_time() - client_cpu
+        breakdown = {
+            "server_histogram_means": histogram_means_ms(histograms, await scrape_histograms(http)),
+            "client_cpu_per_wall_s": client_cpu / duration,
+            "server_cpu": cpu_utilisation(
+                server_cpu, process_tree_cpu(args.server_pid) if args.server_pid else {}, duration
+            ),
+        }
+    record = build_record(args, model, engine, version, results, duration)
+    record["breakdown"] = breakdown
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -445,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"serving benchmark: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print(format_table(record))
+    print("breakdown:", json.dumps(record["breakdown"]))
     for failure in record["errors"][:5]:  # the first few, enough to see what went wrong
         print(f"request {failure['index']} failed: {failure['error']}", file=sys.stderr)
     if args.out:

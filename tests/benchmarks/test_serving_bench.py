@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from benchmarks.common import make_workload
+from benchmarks.server_probe import histogram_means_ms, histogram_totals
 from benchmarks.serving import arrival_offsets, summarize
 from tests.server.conftest import (  # the fixture builds the tiny model once and caches it
     API_KEY,
@@ -28,11 +29,12 @@ OUTPUT_LENS = (8, 32)
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 
 
-def run_benchmark(base_url: str, out: Path) -> subprocess.CompletedProcess[str]:
+def run_benchmark(base_url: str, out: Path, server_pid: int) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable,
         str(REPO / "benchmarks" / "serving.py"),
         "--base-url", base_url,
+        "--server-pid", str(server_pid),
         "--api-key", API_KEY,
         "--num-prompts", str(NUM_PROMPTS),
         "--request-rate", "20",
@@ -57,7 +59,7 @@ def test_serving_benchmark_against_our_server(tiny_model_dir: Path, tmp_path: Pa
     args = [*tiny_server_args(tiny_model_dir), "--api-key", API_KEY, *extra]
     out = tmp_path / "serving.json"
     with running_server(args, tmp_path / "server.log") as server:
-        done = run_benchmark(server.base_url, out)
+        done = run_benchmark(server.base_url, out, server.proc.pid)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "TTFT" in done.stdout and "TPOT" in done.stdout  # the table
 
@@ -81,6 +83,16 @@ def test_serving_benchmark_against_our_server(tiny_model_dir: Path, tmp_path: Pa
     assert results["ttft_ms"]["p99"] < results["e2e_ms"]["p99"]
     assert results["output_throughput"] > 0 and results["request_throughput"] > 0
 
+    # The server's own view: its TTFT excludes the client's transport, so it is below the client's.
+    means = record["breakdown"]["server_histogram_means"]
+    assert 0 < means["request_queue_time_mean_ms"] <= means["time_to_first_token_mean_ms"]
+    assert means["time_to_first_token_mean_ms"] < results["ttft_ms"]["mean"]
+    assert means["e2e_request_latency_mean_ms"] < results["e2e_ms"]["mean"]
+    processes = {row["process"] for row in record["breakdown"]["server_cpu"]}
+    assert "frontend" in processes and "child" in processes  # the frontend and its engine core
+    assert all(row["cpu_per_wall_s"] >= 0 for row in record["breakdown"]["server_cpu"])
+    assert record["breakdown"]["client_cpu_per_wall_s"] > 0
+
 
 def test_arrivals_are_seeded_poisson() -> None:
     offsets = arrival_offsets(4000, rate=20.0, seed=0)
@@ -88,6 +100,28 @@ def test_arrivals_are_seeded_poisson() -> None:
     assert offsets[0] == 0.0 and offsets == sorted(offsets)
     assert math.isclose(len(offsets) / offsets[-1], 20.0, rel_tol=0.05)
     assert arrival_offsets(3, rate=math.inf, seed=0) == [0.0, 0.0, 0.0]
+
+
+def test_histogram_means_from_two_scrapes() -> None:
+    def exposition(ttft_sum: float, ttft_count: int) -> str:
+        return "\n".join([
+            "# HELP pagedserve:time_to_first_token_seconds Time from arrival to the first token.",
+            "# TYPE pagedserve:time_to_first_token_seconds histogram",
+            f'pagedserve:time_to_first_token_seconds_bucket{{le="0.1",model_name="m"}} {ttft_count}',
+            f'pagedserve:time_to_first_token_seconds_sum{{model_name="m"}} {ttft_sum}',
+            f'pagedserve:time_to_first_token_seconds_count{{model_name="m"}} {ttft_count}',
+            'vllm:e2e_request_latency_seconds_sum{model_name="a"} 3.0',
+            'vllm:e2e_request_latency_seconds_count{model_name="a"} 2.0',
+            'vllm:e2e_request_latency_seconds_sum{model_name="b"} 1.0',  # labels add up
+            'vllm:e2e_request_latency_seconds_count{model_name="b"} 2.0',
+        ])  # fmt: skip
+
+    before, after = histogram_totals(exposition(1.0, 10)), histogram_totals(exposition(1.5, 20))
+    assert before["time_to_first_token_seconds"] == (1.0, 10.0)
+    means = histogram_means_ms(before, after)
+    assert math.isclose(means["time_to_first_token_mean_ms"], 50.0)  # 0.5 s over 10 new requests
+    assert means["e2e_request_latency_mean_ms"] is None  # nothing observed between the scrapes
+    assert histogram_means_ms({}, after)["e2e_request_latency_mean_ms"] == 1000.0
 
 
 def test_summarize_in_milliseconds() -> None:
