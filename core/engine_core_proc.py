@@ -247,6 +247,7 @@ def run_engine_core(
 ) -> None:
     """Entry point of the engine-core process (multiprocessing 'spawn' target)."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s [engine] %(name)s: %(message)s")
+    logger.info("engine core process %d started", os.getpid())  # the start-up timeline's first mark
     _die_with_parent()
     use_thread_locks_for_progress_bars()
     proc = EngineCoreProc(config, input_addr, output_addr)

@@ -6,6 +6,7 @@ tensor-parallel rank behind the same interface."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Protocol
 
 from ipc.config import EngineConfig
@@ -36,7 +37,11 @@ class UniProcExecutor:
     """One worker, in this process."""
 
     def __init__(self, config: EngineConfig, *, worker_cls: type | None = None) -> None:
+        start = time.perf_counter()
         from workers.worker import Worker  # the executor is the one place core starts a worker
+
+        # torch and the model code: on a machine whose disk cache is cold, a large part of a start.
+        logger.info("worker modules imported in %.2f s", time.perf_counter() - start)
 
         # worker_cls: a Worker subclass (benchmarks swap in a no-op model; tests a failing one).
         self.worker = (worker_cls or Worker)(config, rank=0)

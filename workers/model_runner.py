@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,20 @@ from workers.sampler import SamplerOutput, SamplingMetadata, sample
 from workers.staging import HostStaging
 
 logger = logging.getLogger(__name__)
+
+# Triton compiles at start-up run on this many threads at most (each compile is mostly MLIR
+# passes and ptxas, which release the GIL).
+MAX_COMPILE_THREADS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ModelWarmup:
+    """What ModelRunner.warmup did: how many step shapes, on how many compile threads, how long."""
+
+    num_shapes: int
+    compile_threads: int
+    compile_s: float
+    run_s: float
 
 
 class ModelRunner:
@@ -175,13 +191,26 @@ class ModelRunner:
         return self._staging.upload(*arrays)
 
     # ------------------------------------------------------------------ memory profile
-    def warmup(self) -> None:
-        """Compile every kernel variant a step can need before serving: a mixed step (decodes
-        with short chunks), a one-sequence prefill and an eager decode, beside the full-budget
-        prefill of the memory profile. Triton compiles on first use, which mid-serving would
-        stall a step for a second or more."""
-        for num_tokens, num_seqs in ((72, 8), (512, 1), (3, 3)):
+    def warmup(self) -> ModelWarmup:
+        """Compile every kernel variant a step can need before serving, all at once, then run
+        each shape once for real (which loads the compiled kernels): mixed steps (decodes with
+        short chunks), a one-sequence prefill, an eager decode, and a decode at every captured
+        batch size (each split-KV factor is its own attention variant). Compiling on first use,
+        mid-serving, would stall a step for seconds; compiling one variant after another made
+        most of a first start on a machine with an empty Triton cache."""
+        from kernels.triton.launch import parallel_compile  # CUDA only: the CPU engine never imports Triton
+
+        shapes = [(72, 8), (512, 1), (3, 3)] + [(n, n) for n in capture_sizes(len(self.batch.num_tokens))]
+        threads = max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
+        start = time.perf_counter()
+        with parallel_compile(threads):
+            for num_tokens, num_seqs in shapes:
+                self.profile_run(num_tokens, num_seqs)
+        compiled = time.perf_counter()
+        for num_tokens, num_seqs in shapes:
             self.profile_run(num_tokens, num_seqs)
+        torch.cuda.synchronize(self.device)
+        return ModelWarmup(len(shapes), threads, compiled - start, time.perf_counter() - compiled)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int | None = None) -> None:
@@ -222,6 +251,8 @@ class ModelRunner:
             max_num_logprobs=5,
         )
         sample(logits, md)
+        # The fused temperature race (no top-k/p), the common sampling path, is its own kernel.
+        sample(logits, SamplingMetadata(temperature=md.temperature, all_greedy=False))
 
     # ------------------------------------------------------------------ CUDA graphs
     def capture_cuda_graphs(self) -> list[int]:

@@ -40,8 +40,11 @@ class Worker:
         self.device = torch.device(config.device.device)
         if self.device.type == "cuda":
             # One GPU per rank (ranks of one host).
+            start = time.perf_counter()
             self.device = torch.device("cuda", rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
+            torch.cuda.init()
+            logger.info("CUDA initialised on %s in %.2f s", self.device, time.perf_counter() - start)
         self.dtype = _DTYPES[config.model.dtype]
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
@@ -65,6 +68,15 @@ class Worker:
             self.config.model.vocab_size,
         )
         logger.info("model loaded in %.2f s on %s (%s)", time.perf_counter() - start, self.device, self.dtype)
+        if self.device.type == "cuda":  # before the memory profile, so that it compiles nothing
+            done = self.runner.warmup()
+            logger.info(
+                "kernels compiled for %d step shapes in %.1f s (%d threads); warm-up passes %.1f s",
+                done.num_shapes,
+                done.compile_s,
+                done.compile_threads,
+                done.run_s,
+            )
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -122,8 +134,6 @@ class Worker:
             num_blocks,
             num_blocks * self.kv_bytes_per_block / 2**20,
         )
-        if self.device.type == "cuda":
-            self.runner.warmup()
         if self.device.type == "cuda" and not self.config.device.enforce_eager:
             start = time.perf_counter()
             sizes = self.runner.capture_cuda_graphs()

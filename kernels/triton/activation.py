@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.launch import launch
+
 _BLOCK = 1024
 
 
@@ -36,5 +38,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0 and inter > 0:
         block = min(_BLOCK, triton.next_power_of_2(inter))
         grid = (x2.shape[0], triton.cdiv(inter, block))
-        _silu_and_mul_kernel[grid](x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block, num_warps=4)
+        launch(
+            _silu_and_mul_kernel,
+            grid,
+            x2,
+            out2,
+            x2.stride(0),
+            out2.stride(0),
+            inter,
+            BLOCK=block,
+            num_warps=4,
+        )
     return out

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.launch import launch
+
 _LOG2E = 1.4426950408889634
 
 # Split-KV tuning (shape-only heuristics; no autotune, since graphs cannot autotune). Measured on an
@@ -424,7 +426,7 @@ def paged_attention_launch(
         part_acc = part_m = part_l = out  # never touched: NUM_SPLITS == 1 compiles the stores out
         grid = (grid_q, num_kv_heads)
 
-    _paged_attention_kernel[grid](
+    launch(_paged_attention_kernel, grid,
         query, k_cache, v_cache, out, part_acc, part_m, part_l,
         block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, num_seqs, num_heads,
@@ -440,7 +442,7 @@ def paged_attention_launch(
     )  # fmt: skip
     if num_splits > 1:
         s_pad = max(2, triton.next_power_of_2(num_splits))
-        _split_reduce_kernel[(num_tokens, num_heads)](
+        launch(_split_reduce_kernel, (num_tokens, num_heads),
             out, part_acc, part_m, part_l, seq_lens, query_start_loc,
             num_seqs, num_heads,
             out.stride(0), out.stride(1), out.stride(2),

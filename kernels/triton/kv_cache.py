@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.launch import launch
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -79,7 +81,7 @@ def write_kv(
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 2048 // d_pad))
     num_warps = 8 if block_h * d_pad >= 2048 else 4
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
-    _write_kv_kernel[grid](
+    launch(_write_kv_kernel, grid,
         key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),

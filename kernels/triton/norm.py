@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.launch import launch
+
 # One row must fit in one program's registers.
 MAX_HIDDEN = 65536
 
@@ -85,8 +87,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     out2 = out.view(-1, hidden)
     if x2.shape[0] > 0:
-        _rms_norm_kernel[(x2.shape[0],)](
-            x2, weight, out2, x2.stride(0), out2.stride(0), hidden, eps, BLOCK=block, num_warps=num_warps
+        launch(
+            _rms_norm_kernel,
+            (x2.shape[0],),
+            x2,
+            weight,
+            out2,
+            x2.stride(0),
+            out2.stride(0),
+            hidden,
+            eps,
+            BLOCK=block,
+            num_warps=num_warps,
         )
     return out
 
@@ -103,7 +115,17 @@ def fused_add_rms_norm(
     if x2.stride(-1) != 1 or r2.stride(-1) != 1:
         raise ValueError("fused_add_rms_norm needs a unit stride along the hidden dimension")
     if x2.shape[0] > 0:
-        _fused_add_rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, x2.stride(0), r2.stride(0), hidden, eps, BLOCK=block, num_warps=num_warps
+        launch(
+            _fused_add_rms_norm_kernel,
+            (x2.shape[0],),
+            x2,
+            r2,
+            weight,
+            x2.stride(0),
+            r2.stride(0),
+            hidden,
+            eps,
+            BLOCK=block,
+            num_warps=num_warps,
         )
     return x, residual

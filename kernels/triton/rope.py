@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.launch import launch
+
 
 @triton.jit
 def _rotate_heads(
@@ -107,7 +109,7 @@ def apply_rope(
     block_hq = min(triton.next_power_of_2(num_q_heads), cap)
     block_hk = min(triton.next_power_of_2(num_kv_heads), cap)
     num_warps = 8 if block_hq * half_pad >= 2048 else 4
-    _rope_kernel[(num_tokens,)](
+    launch(_rope_kernel, (num_tokens,),
         positions, query, key, cos_sin_cache, num_q_heads, num_kv_heads,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),

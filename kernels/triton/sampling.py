@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.launch import launch
+
 _BLOCK = 4096
 _GREEDY_EPS = 1e-5
 
@@ -110,11 +112,18 @@ def sample_race(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Te
     chunks = triton.cdiv(vocab, block)
     best_score = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
     best_token = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
-    _race_chunk_kernel[(rows, chunks)](
+    launch(_race_chunk_kernel, (rows, chunks),
         logits, temperature, seeds, best_score, best_token, logits.stride(0), vocab, chunks,
         GREEDY_EPS=_GREEDY_EPS, BLOCK=block, num_warps=8 if block >= 4096 else 4,
     )  # fmt: skip
-    _race_reduce_kernel[(rows,)](
-        best_score, best_token, out, chunks, CHUNKS_PAD=max(2, triton.next_power_of_2(chunks)), num_warps=1
+    launch(
+        _race_reduce_kernel,
+        (rows,),
+        best_score,
+        best_token,
+        out,
+        chunks,
+        CHUNKS_PAD=max(2, triton.next_power_of_2(chunks)),
+        num_warps=1,
     )
     return out
