@@ -83,6 +83,7 @@ class EngineCoreClient:
             daemon=False,
         )
         self._proc.start()
+        logger.info("engine core process %d spawned", self._proc.pid)
         self.info: dict[str, Any] = {}
         if wait:
             self.wait_until_ready()

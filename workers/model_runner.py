@@ -18,6 +18,7 @@ import torch
 from ipc.messages import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from workers.input_batch import InputBatch, RequestState
 from workers.models.llama import AttentionMetadata
+from workers.piecewise_graphs import PiecewiseGraphs, piecewise_sizes
 from workers.sampler import SamplerOutput, SamplingMetadata, sample
 from workers.staging import HostStaging
 
@@ -57,6 +58,7 @@ class ModelRunner:
         self.max_blocks_per_seq = max_blocks
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphs | None = None
+        self.pieces: PiecewiseGraphs | None = None
         self._last: PendingStep | None = None  # the most recent step that sampled
         self._staging: HostStaging | None = None  # created on the first CUDA step
         # Noise seeds of unseeded rows; seeded from torch's seed, the same on every TP rank.
@@ -140,7 +142,15 @@ class ModelRunner:
         every_row_samples = is_decode and len(sample_idx) == len(rows)
         logit_rows = None if every_row_samples else query_start[1:][sample_idx] - 1
         use_graph = every_row_samples and self.graphs is not None and self.graphs.fits(total)
-        if use_graph:
+        use_pieces = not use_graph and self.pieces is not None and self.pieces.fits(total)
+        if use_pieces:  # padded on the host too: the graphs' token inputs are one copy each
+            size = self.pieces.size_for(total)
+            input_ids, positions, slot_mapping = (
+                _pad(input_ids, size, 0),
+                _pad(positions, size, 0),
+                _pad(slot_mapping, size, -1),
+            )
+        elif use_graph:
             # Padded to the graph's size on the host, so each static input is filled by one copy.
             size = self.graphs.size_for(total)
             positions, slot_mapping, seq_lens = (
@@ -173,7 +183,10 @@ class ModelRunner:
                 max_query_len=int(num_sched.max()),
                 max_seq_len=int(seq_lens.max()),
             )
-            hidden = self.model(ids_dev, pos_dev, self.kv_caches, meta)
+            if use_pieces:
+                hidden = self.pieces.run(ids_dev, pos_dev, slots_dev, meta, total)
+            else:
+                hidden = self.model(ids_dev, pos_dev, self.kv_caches, meta)
             if not len(sample_idx):
                 return PendingStep.empty()
             logits = self.model.compute_logits(hidden if logit_rows_dev is None else hidden[logit_rows_dev])
@@ -192,22 +205,24 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ memory profile
     def warmup(self) -> ModelWarmup:
-        """Compile every kernel variant a step can need before serving, all at once, then run
-        each shape once for real (which loads the compiled kernels): mixed steps (decodes with
-        short chunks), a one-sequence prefill, an eager decode, and a decode at every captured
-        batch size (each split-KV factor is its own attention variant). Compiling on first use,
-        mid-serving, would stall a step for seconds; compiling one variant after another made
-        most of a first start on a machine with an empty Triton cache."""
+        """Compile every kernel variant a step can need before serving, all at once: mixed steps
+        (decodes with short chunks), a one-sequence prefill, an eager decode, and a decode at
+        every captured batch size (each split-KV factor is its own attention variant). Compiling
+        on first use, mid-serving, would stall a step for seconds; compiling one variant after
+        another made most of a first start on a machine with an empty Triton cache. The eager
+        shapes then run once for real, which loads their kernels; graph capture does the same
+        for the decode sizes."""
         from kernels.triton.launch import parallel_compile  # CUDA only: the CPU engine never imports Triton
 
-        shapes = [(72, 8), (512, 1), (3, 3)] + [(n, n) for n in capture_sizes(len(self.batch.num_tokens))]
+        eager = [(72, 8), (512, 1), (3, 3)]
+        shapes = eager + [(n, n) for n in capture_sizes(len(self.batch.num_tokens))]
         threads = max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
         start = time.perf_counter()
         with parallel_compile(threads):
             for num_tokens, num_seqs in shapes:
                 self.profile_run(num_tokens, num_seqs)
         compiled = time.perf_counter()
-        for num_tokens, num_seqs in shapes:
+        for num_tokens, num_seqs in eager:
             self.profile_run(num_tokens, num_seqs)
         torch.cuda.synchronize(self.device)
         return ModelWarmup(len(shapes), threads, compiled - start, time.perf_counter() - compiled)
@@ -255,9 +270,12 @@ class ModelRunner:
         sample(logits, SamplingMetadata(temperature=md.temperature, all_greedy=False))
 
     # ------------------------------------------------------------------ CUDA graphs
-    def capture_cuda_graphs(self) -> list[int]:
+    def capture_cuda_graphs(self, max_num_batched_tokens: int) -> tuple[list[int], list[int]]:
+        """Decode graphs per batch size, then piecewise graphs per token count for the other
+        steps; returns both lists of sizes."""
         self.graphs = CudaGraphs(self, capture_sizes(len(self.batch.num_tokens)))
-        return self.graphs.sizes
+        self.pieces = PiecewiseGraphs(self.model, self.kv_caches, piecewise_sizes(max_num_batched_tokens))
+        return self.graphs.sizes, self.pieces.sizes
 
     # ------------------------------------------------------------------ sampling inputs
     def _sampling_arrays(self, rows: np.ndarray, states: list[RequestState]) -> SamplingArrays:

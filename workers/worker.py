@@ -135,22 +135,29 @@ class Worker:
             num_blocks * self.kv_bytes_per_block / 2**20,
         )
         if self.device.type == "cuda" and not self.config.device.enforce_eager:
+            reserved = torch.cuda.memory_reserved(self.device)
             start = time.perf_counter()
-            sizes = self.runner.capture_cuda_graphs()
+            sizes, token_sizes = self.runner.capture_cuda_graphs(self.config.scheduler.max_num_batched_tokens)
             logger.info(
-                "captured %d decode CUDA graphs (batch sizes up to %d) in %.1f s",
+                "captured %d decode CUDA graphs (batch sizes up to %d) and %d piecewise graph sets "
+                "for other steps (up to %d tokens) in %.1f s; graph pools hold %.2f GiB",
                 len(sizes),
                 sizes[-1],
+                len(token_sizes),
+                token_sizes[-1],
                 time.perf_counter() - start,
+                (torch.cuda.memory_reserved(self.device) - reserved) / 2**30,
             )
 
     def uses_custom_all_reduce(self) -> bool:
         return self.tp.custom_all_reduce is not None
 
     def graph_replays(self) -> int:
-        """How many steps ran from a captured CUDA graph (checked by the GPU tests)."""
-        graphs = self.runner.graphs if self.runner is not None else None
-        return 0 if graphs is None else graphs.replays
+        """How many steps ran from a captured CUDA graph, decode or piecewise (GPU tests)."""
+        runner = self.runner
+        if runner is None:
+            return 0
+        return sum(g.replays for g in (runner.graphs, runner.pieces) if g is not None)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
@@ -160,7 +167,7 @@ class Worker:
 
     def shutdown(self) -> None:
         if self.runner is not None:  # free device memory now, not at the next GC cycle
-            self.runner.graphs = None
+            self.runner.graphs = self.runner.pieces = None
             self.runner.kv_caches = []
         self.runner = None
         self.model = None

@@ -149,6 +149,12 @@ def graph_replays(llm: LLM) -> int:
     return 0 if graphs is None else graphs.replays
 
 
+def piecewise_replays(llm: LLM) -> int:
+    """Steps (prefills, mixed) run from the piecewise graphs."""
+    pieces = llm.engine.core.executor.worker.runner.pieces
+    return 0 if pieces is None else pieces.replays
+
+
 def greedy_vs_hf(name: str, num_prompts: int = 4, max_tokens: int = 32) -> dict:
     ours, theirs = build_pair(name, torch.float32)
     del ours
@@ -186,6 +192,7 @@ def greedy_vs_hf(name: str, num_prompts: int = 4, max_tokens: int = 32) -> dict:
         )
         results["eager" if eager else "cuda_graphs"] = [o.outputs[0].token_ids for o in outs]
         results["replays_" + ("eager" if eager else "cuda_graphs")] = graph_replays(llm)
+        results["piecewise_" + ("eager" if eager else "cuda_graphs")] = piecewise_replays(llm)
         llm.shutdown()
         del llm
         gc.collect()
@@ -198,10 +205,13 @@ def greedy_vs_hf(name: str, num_prompts: int = 4, max_tokens: int = 32) -> dict:
         "eager_equals_hf": results["eager"] == expected,
         "graphs_equal_hf": results["cuda_graphs"] == expected,
         "graph_replays": results["replays_cuda_graphs"],
+        "piecewise_replays": results["piecewise_cuda_graphs"],
         "ok": results["eager"] == expected
         and results["cuda_graphs"] == expected
         and results["replays_cuda_graphs"] > 0
-        and results["replays_eager"] == 0,
+        and results["piecewise_cuda_graphs"] > 0  # the prompts' prefill ran from piecewise graphs
+        and results["replays_eager"] == 0
+        and results["piecewise_eager"] == 0,
     }
 
 
@@ -218,6 +228,7 @@ def graphs_vs_eager_bf16(name: str) -> dict:
             load_format="dummy",
             skip_tokenizer_init=True,
             max_model_len=2048,
+            max_num_batched_tokens=512,  # chunked prompts: the steps with prefill run piecewise
             enforce_eager=eager,
             gpu_memory_utilization=0.5,
         )
@@ -228,6 +239,7 @@ def graphs_vs_eager_bf16(name: str) -> dict:
         torch.cuda.synchronize()
         key = "eager" if eager else "cuda_graphs"
         replays[key] = graph_replays(llm)
+        replays[key + "_piecewise"] = piecewise_replays(llm)
         timing[key] = {
             "ready_s": ready,
             "batch_s": time.perf_counter() - start,
@@ -246,7 +258,10 @@ def graphs_vs_eager_bf16(name: str) -> dict:
         "identical_requests": same,
         "timing": timing,
         "graph_replays": replays,
-        "ok": same == len(prompts) and replays["cuda_graphs"] > 0 and replays["eager"] == 0,
+        "ok": same == len(prompts)
+        and replays["cuda_graphs"] > 0
+        and replays["cuda_graphs_piecewise"] > 0
+        and replays["eager"] == replays["eager_piecewise"] == 0,
     }
 
 

@@ -85,8 +85,12 @@ class ColumnParallelLinear(nn.Module):
         rows = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:  # into a caller's buffer: the same GEMM, no copy
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

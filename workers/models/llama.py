@@ -116,25 +116,56 @@ class LlamaAttention(nn.Module):
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
 
-    def forward(
+    def project(
         self,
         positions: torch.Tensor,
         x: torch.Tensor,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
-        meta: AttentionMetadata,
+        slot_mapping: torch.Tensor,
         cos_sin: torch.Tensor,
+        qkv_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        """The attention's inputs: q, k, v projected and rotated, k and v written to the cache;
+        returns q [T, H, D] (a view of ``qkv_out`` when given)."""
+        qkv = self.qkv_proj(x, out=qkv_out)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q = qkv[:, :q_size].reshape(-1, self.num_heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].reshape(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].reshape(-1, self.num_kv_heads, self.head_dim)
         ops.apply_rope(positions, q, k, cos_sin)
-        ops.write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        ops.write_kv(k, v, kv_cache[0], kv_cache[1], slot_mapping)
+        return q
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Paged attention of q over the cache: [T, H * D] (``out`` [T, H, D] when given)."""
         out = ops.paged_attention(
-            q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale
+            q,
+            kv_cache[0],
+            kv_cache[1],
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            self.scale,
+            out,
         )
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        q = self.project(positions, x, kv_cache, meta.slot_mapping, cos_sin)
+        return self.o_proj(self.attend(q, kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -156,15 +187,23 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, positions, x, residual, kv_cache, meta, cos_sin):
+    def pre_attention(self, positions, x, residual, kv_cache, slot_mapping, cos_sin, qkv_out=None):
+        """Input norm (adding the residual) and the attention's projections: (q, residual)."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta, cos_sin)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return self.self_attn.project(positions, x, kv_cache, slot_mapping, cos_sin, qkv_out), residual
+
+    def post_attention(self, attn_out, residual):
+        """Output projection, post-attention norm and MLP: (x, residual)."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(x), residual
+
+    def forward(self, positions, x, residual, kv_cache, meta, cos_sin):
+        q, residual = self.pre_attention(positions, x, residual, kv_cache, meta.slot_mapping, cos_sin)
+        return self.post_attention(self.self_attn.attend(q, kv_cache, meta), residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -210,6 +249,53 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
+
+    # ------------------------------------------------------------------ piecewise forward
+    # The forward pass cut at attention into num_layers + 1 pieces, so that everything but the
+    # attention (whose work depends on each sequence's length) can be a CUDA graph per token count.
+    # Between pieces the state is in caller-owned buffers: the residual stream (updated in place),
+    # the q/k/v projections (``qkv``) and the attention output.
+    def forward_piece(
+        self,
+        index: int,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        slot_mapping: torch.Tensor,
+        residual: torch.Tensor,  # [T, hidden]
+        qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) D] of this rank
+        attn_out: torch.Tensor,  # [T, Hq D]
+    ) -> torch.Tensor | None:
+        """Piece ``index``: (embedding | layer index-1 after attention) then (layer index up to its
+        attention | the final norm). Returns the final hidden states from the last piece."""
+        if index == 0:
+            residual.copy_(self.embed_tokens(input_ids))
+            x, res = residual, None
+        else:
+            x, res = self.layers[index - 1].post_attention(attn_out, residual)
+        if index == len(self.layers):
+            hidden, res = self.norm(x, res)
+        else:
+            _, res = self.layers[index].pre_attention(
+                positions, x, res, kv_caches[index], slot_mapping, self.cos_sin_cache, qkv_out=qkv
+            )
+            hidden = None
+        if res.data_ptr() != residual.data_ptr():  # the CUDA norms update in place; others return
+            residual.copy_(res)
+        return hidden
+
+    def attend_piece(
+        self,
+        index: int,
+        qkv: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        attn_out: torch.Tensor,
+    ) -> None:
+        """Layer ``index``'s attention between pieces ``index`` and ``index + 1``."""
+        attn = self.layers[index].self_attn
+        q = qkv[:, : attn.qkv_proj.q_size].view(-1, attn.num_heads, attn.head_dim)
+        attn.attend(q, kv_caches[index], meta, out=attn_out.view(-1, attn.num_heads, attn.head_dim))
 
     # ------------------------------------------------------------------ weights
     def _param_name(self, name: str) -> tuple[str, Any]:
