@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
+from core.cuda_probe import cuda_available
 from ipc.config import (
     DTYPES,
     LOAD_FORMATS,
@@ -89,27 +90,26 @@ class EngineArgs:
             raise bad("device", f"must be auto, cpu or cuda, got {self.device!r}")
 
     def create_engine_config(self) -> EngineConfig:
-        start = time.perf_counter()
-        import torch
-
-        from workers.loaders.config import load_hf_config
+        # Neither torch nor (for Llama directories) transformers is imported here: this runs in
+        # the frontend before the engine process starts, so on a fresh machine their imports
+        # (16 s) would come before, not beside, the engine's own start.
+        from workers.loaders.config import read_hf_config
         from workers.loaders.source import resolve_model
 
-        imported = time.perf_counter()
+        start = time.perf_counter()
         self._check()
         source = resolve_model(self.model)
-        hf = load_hf_config(source).to_dict()
+        hf = read_hf_config(source)
         read = time.perf_counter()
         device = self.device
+        cuda = device != "cpu" and cuda_available()
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
+            device = "cuda" if cuda else "cpu"
+        if device == "cuda" and not cuda:
             raise ValueError("device 'cuda' was asked for but no CUDA device is available")
-        # The start-up timeline: on a fresh machine each of these has taken seconds.
         logger.info(
-            "engine config: torch imported in %.2f s, model config read in %.2f s, device probed in %.2f s",
-            imported - start,
-            read - imported,
+            "engine config: model config read in %.2f s, device probed in %.2f s",
+            read - start,
             time.perf_counter() - read,
         )
         dtype = self.dtype
@@ -177,9 +177,9 @@ class EngineArgs:
             seed=self.seed,
             hf_config=hf,
         )
-        from workers.models.registry import model_class
+        from workers.models.architectures import check_architecture
 
-        model_class(model_config.architecture)  # unsupported architectures fail here, clearly
+        check_architecture(model_config.architecture)  # unsupported architectures fail here, clearly
         return EngineConfig(
             model=model_config,
             cache=CacheConfig(

@@ -12,10 +12,11 @@ import torch
 from gguf import GGUFWriter
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
-from workers.loaders import iter_weights, load_hf_config
+from workers.loaders.config import load_hf_config, read_hf_config
 from workers.loaders.gguf import gguf_to_hf_name, iter_gguf_weights, unpermute_rope_rows
 from workers.loaders.safetensors_loader import find_weight_files
 from workers.loaders.source import ModelSource, resolve_model
+from workers.loaders.weights import iter_weights
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -371,3 +372,42 @@ def test_hf_directory_without_weights(tmp_path: Path) -> None:
     assert load_hf_config(source).hidden_size == 64  # enough for a dummy load
     with pytest.raises(FileNotFoundError, match="no weights"):
         next(iter_weights(source, progress=False))
+
+
+# --------------------------------------------------------------------------- config without transformers
+
+PRESETS = Path(__file__).resolve().parents[2] / "benchmarks" / "presets"
+
+
+def _engine_view(hf: dict) -> tuple:
+    """What the engine takes from a config: the architecture numbers and EngineArgs' reads."""
+    from workers.models.llama import LlamaArgs
+
+    return (
+        LlamaArgs.from_hf(hf),
+        (hf.get("architectures") or [None])[0],
+        hf.get("max_position_embeddings"),
+        hf.get("sliding_window"),
+        hf.get("dtype") or hf.get("torch_dtype"),
+        hf.get("eos_token_id"),
+        hf.get("bos_token_id"),
+    )
+
+
+@pytest.mark.parametrize("preset", ["llama3-8b", "llama3.2-1b", "smollm2-135m", "llama3-70b"])
+def test_llama_config_json_reads_as_transformers_does(preset: str) -> None:
+    source = resolve_model(str(PRESETS / preset))
+    raw = read_hf_config(source)
+    assert raw == json.loads((PRESETS / preset / "config.json").read_text())  # the JSON fast path
+    assert _engine_view(raw) == _engine_view(load_hf_config(source).to_dict())
+
+
+def test_sparse_or_foreign_configs_go_through_transformers(tmp_path: Path) -> None:
+    _tiny_llama_config().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rms_norm_eps"]  # an omitted key with a default: the fast path still applies
+    del config["max_position_embeddings"]  # a required size missing: transformers fills it in
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = read_hf_config(resolve_model(str(tmp_path)))
+    assert hf["max_position_embeddings"] == LlamaConfig().max_position_embeddings
+    assert hf["rms_norm_eps"] == LlamaConfig().rms_norm_eps

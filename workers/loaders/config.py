@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -37,3 +38,40 @@ def load_hf_config(source: ModelSource) -> PretrainedConfig:
         raise ValueError(f"unknown model format {source.format!r}")
     logger.debug("loaded %s config for %s", type(config).__name__, source.path)
     return config
+
+
+# Keys the engine reads from a Llama config without a default of its own (LlamaArgs.from_hf and
+# EngineArgs); a config.json that has them all is complete enough to be read without transformers.
+_LLAMA_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+
+
+def read_hf_config(source: ModelSource) -> dict[str, Any]:
+    """The model's HF config as a plain dict, as ``load_hf_config(source).to_dict()`` has it.
+
+    A Llama ``config.json`` that names every size is read as JSON: importing transformers to parse
+    it cost the server's start 11 s on a fresh machine (cold disk), and LlamaConfig's defaults for
+    the keys it may omit are the ones the engine assumes anyway (rms_norm_eps 1e-6, rope_theta 1e4,
+    untied embeddings, no biases, silu). Anything else (GGUF, other model types, partial files)
+    goes through transformers.
+    """
+    if source.format == "hf":
+        path = source.path / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raw = None
+        if (
+            isinstance(raw, dict)
+            and raw.get("model_type") == "llama"
+            and all(k in raw for k in _LLAMA_REQUIRED)
+        ):
+            logger.debug("read %s as JSON", path)
+            return raw
+    return load_hf_config(source).to_dict()

@@ -8,29 +8,18 @@ from pathlib import Path
 import torch
 
 from ipc.config import ModelConfig
+from workers.models.architectures import SUPPORTED_ARCHITECTURES, check_architecture
 from workers.models.layers import TPGroup
 from workers.models.llama import LlamaForCausalLM, dummy_checkpoint
 
 logger = logging.getLogger(__name__)
 
-MODEL_CLASSES: dict[str, type[torch.nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-}
-
-
-def supported_architectures() -> list[str]:
-    return sorted(MODEL_CLASSES)
+MODEL_CLASSES: dict[str, type[torch.nn.Module]] = dict.fromkeys(SUPPORTED_ARCHITECTURES, LlamaForCausalLM)
 
 
 def model_class(architecture: str) -> type[torch.nn.Module]:
-    cls = MODEL_CLASSES.get(architecture)
-    if cls is None:
-        raise ValueError(
-            f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
-        )
-    return cls
+    check_architecture(architecture)
+    return MODEL_CLASSES[architecture]
 
 
 def build_model(
@@ -54,8 +43,8 @@ def load_model_weights(model: torch.nn.Module, config: ModelConfig) -> None:
         device = next(model.parameters()).device
         model.load_weights(dummy_checkpoint(config.hf_config, config.seed, device))
         return
-    from workers.loaders import iter_weights
     from workers.loaders.source import ModelSource
+    from workers.loaders.weights import iter_weights
 
     model.load_weights(
         iter_weights(ModelSource(path=Path(config.path), format=config.format, name=config.model))
