@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from workers.models.llama import AttentionMetadata, LlamaForCausalLM, dummy_checkpoint
+from workers.piecewise_graphs import piecewise_sizes
 
 CONFIG = dict(
     vocab_size=97,
@@ -74,3 +75,11 @@ def test_pieces_equal_the_whole_forward(padding: int) -> None:
     torch.testing.assert_close(hidden[:n], expected)
     for got, want in zip(piece_caches, whole_caches):
         torch.testing.assert_close(got, want)  # padding tokens wrote nothing
+
+
+def test_piecewise_sizes_follow_the_gemm_tile_and_the_token_budget() -> None:
+    sizes = piecewise_sizes(16384)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == 2048
+    assert all(s % 128 == 0 for s in sizes if s >= 128)  # padding never adds a 128-row GEMM tile
+    assert piecewise_sizes(512)[-1] == 512 and piecewise_sizes(600)[-1] == 512
+    assert piecewise_sizes(8) == [16]  # a budget below the smallest size still gets one graph
