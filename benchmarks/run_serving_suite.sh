@@ -23,8 +23,10 @@ for _ in $(seq 1 1800); do
   sleep 0.1
 done
 ready=$(python3 -c "import time; print(round(time.time() - $start, 1))")
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+commit=${PAGEDSERVE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 echo "healthy after ${ready} s"
-echo "{\"model\": \"$model\", \"time_to_healthy_s\": $ready, \"command\": \"python3 -m frontend --model $preset --load-format dummy --skip-tokenizer-init --max-model-len 2048 --max-num-batched-tokens $batched --tensor-parallel-size $tp\", \"tensor_parallel_size\": $tp, \"max_num_batched_tokens\": $batched}" > "$out/ready_${model}_${tag}.json"
+echo "{\"model\": \"$model\", \"device\": \"$device\", \"git_commit\": \"$commit\", \"time_to_healthy_s\": $ready, \"command\": \"python3 -m frontend --model $preset --load-format dummy --skip-tokenizer-init --max-model-len 2048 --max-num-batched-tokens $batched --tensor-parallel-size $tp\", \"tensor_parallel_size\": $tp, \"max_num_batched_tokens\": $batched}" > "$out/ready_${model}_${tag}.json"
 for rate in ${RATES:-12 inf}; do
   n=${NUM_PROMPTS:-300}
   [ "$rate" = inf ] && n=256

@@ -88,18 +88,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out2 = out.view(-1, hidden)
     if x2.shape[0] > 0:
         launch(
-            _rms_norm_kernel,
-            (x2.shape[0],),
-            x2,
-            weight,
-            out2,
-            x2.stride(0),
-            out2.stride(0),
-            hidden,
-            eps,
-            BLOCK=block,
-            num_warps=num_warps,
-        )
+            _rms_norm_kernel, (x2.shape[0],),
+            x2, weight, out2, x2.stride(0), out2.stride(0), hidden, eps, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
     return out
 
 
@@ -116,16 +107,7 @@ def fused_add_rms_norm(
         raise ValueError("fused_add_rms_norm needs a unit stride along the hidden dimension")
     if x2.shape[0] > 0:
         launch(
-            _fused_add_rms_norm_kernel,
-            (x2.shape[0],),
-            x2,
-            r2,
-            weight,
-            x2.stride(0),
-            r2.stride(0),
-            hidden,
-            eps,
-            BLOCK=block,
-            num_warps=num_warps,
-        )
+            _fused_add_rms_norm_kernel, (x2.shape[0],),
+            x2, r2, weight, x2.stride(0), r2.stride(0), hidden, eps, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
     return x, residual
