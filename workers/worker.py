@@ -42,8 +42,7 @@ class Worker:
             # One GPU per rank (ranks of one host).
             start = time.perf_counter()
             self.device = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(self.device)
-            torch.cuda.init()
+            torch.cuda.set_device(self.device)  # creates the device's context (torch's lazy init)
             logger.info("CUDA initialised on %s in %.2f s", self.device, time.perf_counter() - start)
         self.dtype = _DTYPES[config.model.dtype]
         self.model: torch.nn.Module | None = None
