@@ -75,6 +75,10 @@ class EngineCoreProc:
         self.inputs: queue.Queue[tuple[RequestType, Any]] = queue.Queue()
         self.outputs: queue.Queue[tuple[RequestType, Any] | None] = queue.Queue()
         self.stop = threading.Event()
+        # Set by the SIGTERM handler. A plain attribute, not ``stop.set()``: a handler runs between
+        # any two bytecodes of the main thread, and one that takes the Event's (non-reentrant) lock
+        # while the main thread, or an earlier handler, holds it deadlocks the process for good.
+        self.terminated = False
         self.config = config
         self.engine: EngineCore | None = None
 
@@ -123,6 +127,10 @@ class EngineCoreProc:
             self.ctx.destroy(linger=1000)
         return code
 
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        # Lock-free (see ``terminated``); the busy loop sees it within one idle poll or step.
+        self.terminated = True
+
     def _handshake(self, info: dict[str, Any]) -> Handshake:
         return Handshake(
             wire_schema_version=WIRE_SCHEMA_VERSION, role="engine_core", pid=os.getpid(), info=info
@@ -169,7 +177,7 @@ class EngineCoreProc:
     def _busy_loop(self) -> None:
         engine = self.engine
         was_busy = False
-        while not self.stop.is_set():
+        while not self.terminated:
             if not engine.has_unfinished_requests():
                 if was_busy:  # one last stats message so gauges return to idle
                     self.outputs.put((RequestType.OUTPUTS, engine.step()))
@@ -252,9 +260,6 @@ def run_engine_core(
     use_thread_locks_for_progress_bars()
     proc = EngineCoreProc(config, input_addr, output_addr)
 
-    def on_signal(signum: int, frame: object) -> None:
-        proc.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGTERM, proc.on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the client decides; Ctrl-C goes to the frontend
     raise SystemExit(proc.run())
