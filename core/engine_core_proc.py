@@ -78,6 +78,9 @@ class EngineCoreProc:
         # Set by the SIGTERM handler. A plain attribute, not ``stop.set()``: a handler runs between
         # any two bytecodes of the main thread, and one that takes the Event's (non-reentrant) lock
         # while the main thread, or an earlier handler, holds it deadlocks the process for good.
+        # Several SIGTERMs within milliseconds are normal: when a multi-threaded parent is killed,
+        # the kernel re-parents us to each of its dying threads in turn, and every re-parenting
+        # delivers the parent-death signal again (1 to 3 of them measured after a SIGKILL).
         self.terminated = False
         self.config = config
         self.engine: EngineCore | None = None
