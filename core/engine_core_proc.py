@@ -68,8 +68,8 @@ def _die_with_parent() -> None:
 
 
 class EngineCoreProc:
-    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
-        self.parent_pid = os.getppid()
+    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
         self.ctx = zmq.Context(io_threads=1)
         self.input_addr, self.output_addr = input_addr, output_addr
         self.inputs: queue.Queue[tuple[RequestType, Any]] = queue.Queue()
@@ -254,14 +254,19 @@ class EngineCoreProc:
 
 
 def run_engine_core(
-    config: EngineConfig, input_addr: str, output_addr: str, log_level: int = logging.INFO
+    config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int, log_level: int = logging.INFO
 ) -> None:
-    """Entry point of the engine-core process (multiprocessing 'spawn' target)."""
+    """Entry point of the engine-core process (multiprocessing 'spawn' target); ``parent_pid`` is
+    the client's pid, passed in because a parent that died before ``_die_with_parent`` ran sends no
+    signal, and ``os.getppid()`` read here would already name the process that adopted us."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s [engine] %(name)s: %(message)s")
     logger.info("engine core process %d started", os.getpid())  # the start-up timeline's first mark
     _die_with_parent()
+    if os.getppid() != parent_pid:
+        logger.warning("the client process %d died before the engine core started; exiting", parent_pid)
+        return
     use_thread_locks_for_progress_bars()
-    proc = EngineCoreProc(config, input_addr, output_addr)
+    proc = EngineCoreProc(config, input_addr, output_addr, parent_pid)
 
     signal.signal(signal.SIGTERM, proc.on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the client decides; Ctrl-C goes to the frontend

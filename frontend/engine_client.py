@@ -12,6 +12,7 @@ import concurrent.futures
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -78,7 +79,7 @@ class EngineCoreClient:
         mp = multiprocessing.get_context("spawn")
         self._proc = mp.Process(
             target=run_engine_core,
-            args=(config, input_addr, output_addr, logging.getLogger().getEffectiveLevel()),
+            args=(config, input_addr, output_addr, os.getpid(), logging.getLogger().getEffectiveLevel()),
             name="pagedserve-engine-core",
             daemon=False,
         )

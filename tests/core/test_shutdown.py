@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -110,7 +111,7 @@ def test_no_engine_process_outlives_the_frontend(
 
 
 @pytest.mark.timeout(180)
-def test_engine_core_survives_no_sigterm_storm(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_sigterm_storm_still_ends_in_an_orderly_exit(tiny_model: Path, tmp_path: Path) -> None:
     """Many SIGTERMs in a row (a supervisor retrying, the parent-death signal on top) still end in
     an orderly exit. A handler that took a lock deadlocked here when a second signal arrived while
     the first handler held it: the engine and its workers then lived on forever."""
@@ -161,3 +162,19 @@ def test_script_that_never_shuts_down_stops_its_workers_quietly(tiny_model: Path
     assert "cannot continue" not in done.stderr
     assert not [p for p in pids if _alive(p)]
     assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+@pytest.mark.timeout(60)
+def test_engine_core_whose_client_died_before_it_started_exits_at_once() -> None:
+    """A client that died before the engine could ask for the parent-death signal sends none: the
+    engine compares its parent with the client pid it was given and exits before doing anything
+    (the config is never read, so None stands in for it)."""
+    from core.engine_core_proc import run_engine_core
+
+    dead_client = 1  # init adopts the orphans: a parent pid that is not the engine's parent
+    proc = multiprocessing.get_context("spawn").Process(
+        target=run_engine_core, args=(None, "ipc:///nonexistent-in", "ipc:///nonexistent-out", dead_client)
+    )
+    proc.start()
+    proc.join(timeout=30)
+    assert proc.exitcode == 0
