@@ -7,7 +7,11 @@ Reports, per preset (llama3-8b, smollm2-135m by default):
   measured device copy bandwidth (torch copy of 1 GiB, bytes read + written), for the split-KV
   heuristic's choice, no split, and twice its split;
 * prefill attention (fresh, and chunked over a cached prefix): causal TFLOP/s;
-* write_kv, rms_norm, fused_add_rms_norm, apply_rope, silu_and_mul: bandwidth and fraction of copy.
+* write_kv, rms_norm, fused_add_rms_norm, apply_rope, rope_write_kv (and the two launches it
+  replaces), silu_and_mul: bandwidth and fraction of copy;
+* with --only decode_sweep: the decode tile heuristic against every tile / warps / stages choice
+  at serving-sized llama3-8b batches; with --only linear: the model's projections (cuBLAS) at
+  decode batch sizes.
 
 Method: --layers calls, each on its own buffers, are captured in one CUDA graph (as a decode step
 runs its layers; it also proves the ops capture) and replayed; L2 is flushed by overwriting a large
@@ -248,6 +252,115 @@ def bench_decode(
     return rows
 
 
+# Decode shapes of serving llama3-8b (batch, context) and the tile configurations tried on each.
+SWEEP_SHAPES = [(64, 512), (64, 1024), (128, 768), (256, 576)]
+SWEEP_TILES = (32, 64, 128, 256)
+SWEEP_WARPS = (2, 4, 8)
+SWEEP_STAGES = (2, 3, 4, 5)
+
+
+def bench_decode_sweep(
+    shapes: Shapes, timer: Timer, copy_gbps: float, page_size: int, layers: int, quick: bool
+) -> list[dict]:
+    """The decode tile heuristic against every (tile_n, warps, stages) that fits shared memory."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels.triton import attention
+
+    rows = []
+    scale = shapes.head_dim**-0.5
+    group = shapes.num_heads // shapes.num_kv_heads
+    for batch, ctx in SWEEP_SHAPES[:1] if quick else SWEEP_SHAPES:
+        per_layer = [
+            make_paged(shapes, [(ctx - 1, 1)] * batch, page_size, torch.bfloat16, i) for i in range(layers)
+        ]
+        outs = [torch.empty_like(args[0]) for args in per_layer]
+        kv_bytes = 2 * batch * ctx * shapes.num_kv_heads * shapes.head_dim * 2
+        auto = attention.choose_config(batch, batch, group, shapes.head_dim)
+        splits = attention.choose_num_splits(
+            batch, batch, shapes.num_kv_heads, attention.num_sms(outs[0].device)
+        )
+        configs = [auto] + [
+            attention.AttentionConfig(auto.block_m, tile_n, warps, stages)
+            for tile_n in SWEEP_TILES
+            for warps in SWEEP_WARPS
+            for stages in SWEEP_STAGES
+        ]
+        for i, config in enumerate(configs):
+            if i > 0 and config == auto:
+                continue
+            calls = [
+                functools.partial(attention.paged_attention_launch, *args, scale, out, config, splits)
+                for args, out in zip(per_layer, outs)
+            ]
+            try:
+                us = timer(calls)
+            except OutOfResources:
+                continue  # the tiles do not fit shared memory at this depth
+            gbps = kv_bytes / us / 1e3
+            rows.append(
+                {
+                    "kernel": "paged_attention_decode_sweep",
+                    "preset": shapes.name,
+                    "variant": "auto" if i == 0 else "sweep",
+                    "batch": batch,
+                    "context": ctx,
+                    "tile_n": config.tile_n,
+                    "num_warps": config.num_warps,
+                    "num_stages": config.num_stages,
+                    "num_splits": splits,
+                    "median_us": us,
+                    "GBps": gbps,
+                    "fraction_of_copy": gbps / copy_gbps,
+                }
+            )
+        del per_layer, outs
+    return rows
+
+
+LINEAR_TOKENS = (1, 16, 32, 64, 96, 128, 192, 256)
+
+
+def bench_linear(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, quick: bool) -> list[dict]:
+    """The model's projections (``F.linear``, cuBLAS) at decode batch sizes: weight bandwidth and
+    TFLOP/s, to see where the GEMMs leave the bandwidth bound."""
+    import torch.nn.functional as F
+
+    hq, hkv, d = shapes.num_heads, shapes.num_kv_heads, shapes.head_dim
+    projections = {
+        "qkv_proj": (shapes.hidden, (hq + 2 * hkv) * d),
+        "o_proj": (hq * d, shapes.hidden),
+        "gate_up_proj": (shapes.hidden, 2 * shapes.intermediate),
+        "down_proj": (shapes.intermediate, shapes.hidden),
+    }
+    rows = []
+    for m in LINEAR_TOKENS[::3] if quick else LINEAR_TOKENS:
+        for name, (k, n) in projections.items():
+            calls = []
+            for _ in range(layers):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                calls.append(functools.partial(F.linear, x, w))
+            us = timer(calls)
+            nbytes = 2 * (n * k + m * k + m * n)
+            rows.append(
+                {
+                    "kernel": "linear",
+                    "preset": shapes.name,
+                    "projection": name,
+                    "tokens": m,
+                    "in_features": k,
+                    "out_features": n,
+                    "median_us": us,
+                    "GBps": nbytes / us / 1e3,
+                    "fraction_of_copy": nbytes / us / 1e3 / copy_gbps,
+                    "TFLOPs_achieved": 2 * m * n * k / us / 1e6,
+                }
+            )
+            del calls
+    return rows
+
+
 def bench_prefill(shapes: Shapes, timer: Timer, page_size: int, layers: int, quick: bool) -> list[dict]:
     from kernels.triton import attention
 
@@ -287,7 +400,7 @@ def bench_pointwise(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int,
     from kernels.triton.activation import silu_and_mul
     from kernels.triton.kv_cache import write_kv
     from kernels.triton.norm import fused_add_rms_norm, rms_norm
-    from kernels.triton.rope import apply_rope
+    from kernels.triton.rope import apply_rope, rope_write_kv
 
     dt = torch.bfloat16
     elem = 2
@@ -320,12 +433,42 @@ def bench_pointwise(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int,
         slots = torch.randperm(num_blocks * page, device="cuda")[:m]
         return functools.partial(write_kv, rand(m, hkv, d), rand(m, hkv, d), k_cache, v_cache, slots)
 
+    def rope_kv_args(m: int) -> tuple[torch.Tensor, ...]:
+        qkv = rand(m, (hq + 2 * hkv) * d)
+        q = qkv[:, : hq * d].view(m, hq, d)
+        k = qkv[:, hq * d : (hq + hkv) * d].view(m, hkv, d)
+        v = qkv[:, (hq + hkv) * d :].view(m, hkv, d)
+        num_blocks = math.ceil(m / page) + 1
+        k_cache, v_cache = rand(num_blocks, page, hkv, d), rand(num_blocks, page, hkv, d)
+        slots = torch.randperm(num_blocks * page, device="cuda")[:m]
+        positions = torch.randint(0, 32768, (m,), device="cuda")
+        return positions, q, k, v, k_cache, v_cache, slots
+
+    def rope_write_kv_call(m: int) -> Callable[[], Any]:
+        return functools.partial(rope_write_kv, *rope_kv_args(m), rope_cache)
+
+    def rope_then_write_kv_call(m: int) -> Callable[[], Any]:
+        positions, q, k, v, k_cache, v_cache, slots = rope_kv_args(m)
+
+        def call() -> None:
+            apply_rope(positions, q, k, rope_cache)
+            write_kv(k, v, k_cache, v_cache, slots)
+
+        return call
+
+    def rope_kv_bytes(m: int) -> int:
+        """What the fused kernel must move: q read and written, k and v read, both written to the
+        cache, the cos/sin row read (the two launches move k twice more)."""
+        return (2 * hq + 2 * hkv) * m * d * elem + 2 * m * hkv * d * elem + m * d * 4
+
     kernels: dict[str, tuple[Callable[[int], Callable[[], Any]], Callable[[int], int]]] = {
         "rms_norm": (norm_call, lambda m: 2 * m * hidden * elem),
         "fused_add_rms_norm": (add_norm_call, lambda m: 4 * m * hidden * elem),
         "silu_and_mul": (silu_call, lambda m: 3 * m * inter * elem),
         "apply_rope": (rope_call, lambda m: 2 * m * (hq + hkv) * d * elem + m * d * 4),
         "write_kv": (write_kv_call, lambda m: 2 * 2 * m * hkv * d * elem),
+        "rope_write_kv": (rope_write_kv_call, rope_kv_bytes),
+        "apply_rope+write_kv": (rope_then_write_kv_call, rope_kv_bytes),
     }
     rows = []
     for m in TOKEN_COUNTS[::2] if quick else TOKEN_COUNTS:
@@ -373,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["decode", "prefill", "pointwise"],
+        choices=["decode", "decode_sweep", "prefill", "pointwise", "linear"],
         default=["decode", "prefill", "pointwise"],
     )
     args = parser.parse_args(argv)
@@ -394,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         shapes = load_shapes(name, args.presets_dir)
         if "decode" in args.only:
             results += bench_decode(shapes, timer, copy_gbps, args.page_size, args.layers, args.quick)
+        if "decode_sweep" in args.only:
+            results += bench_decode_sweep(shapes, timer, copy_gbps, args.page_size, args.layers, args.quick)
+        if "linear" in args.only:
+            results += bench_linear(shapes, timer, copy_gbps, args.layers, args.quick)
         if "prefill" in args.only:
             results += bench_prefill(shapes, timer, args.page_size, args.layers, args.quick)
         if "pointwise" in args.only:

@@ -19,6 +19,7 @@ from kernels.reference import (
     fused_add_rms_norm_ref,
     paged_attention_ref,
     rms_norm_ref,
+    rope_write_kv_ref,
     sample_race_ref,
     silu_and_mul_ref,
     write_kv_ref,
@@ -92,6 +93,23 @@ def apply_rope(
     if query.is_cuda:
         return _triton("rope").apply_rope(positions, query, key, cos_sin_cache)
     return apply_rope_ref(positions, query, key, cos_sin_cache)
+
+
+def rope_write_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> None:
+    if query.is_cuda:
+        return _triton("rope").rope_write_kv(
+            positions, query, key, value, k_cache, v_cache, slot_mapping, cos_sin_cache
+        )
+    return rope_write_kv_ref(positions, query, key, value, k_cache, v_cache, slot_mapping, cos_sin_cache)
 
 
 def sample_race(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:

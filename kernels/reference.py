@@ -146,6 +146,22 @@ def apply_rope_ref(
         x.copy_(rotated.to(x.dtype))
 
 
+def rope_write_kv_ref(
+    positions: torch.Tensor,  # int64 [T]
+    query: torch.Tensor,  # [T, Hq, D], rotated in place
+    key: torch.Tensor,  # [T, Hkv, D], left as it is
+    value: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # int64 [T], -1 = skip
+    cos_sin_cache: torch.Tensor,  # [max_position, D] fp32
+) -> None:
+    """apply_rope_ref then write_kv_ref, except that key itself is not rotated: only its cache copy is."""
+    rotated_key = key.clone()
+    apply_rope_ref(positions, query, rotated_key, cos_sin_cache)
+    write_kv_ref(rotated_key, value, k_cache, v_cache, slot_mapping)
+
+
 def sample_race_ref(
     logits: torch.Tensor,  # [B, V], any float dtype
     temperature: torch.Tensor,  # fp32 [B]; < 1e-5 = greedy

@@ -1,12 +1,12 @@
-"""Triton apply_rope (in place, NeoX style) against the torch reference."""
+"""Triton apply_rope (in place, NeoX style) and rope_write_kv against the torch references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.reference import apply_rope_ref, build_rope_cache
-from kernels.triton.rope import apply_rope
+from kernels.reference import apply_rope_ref, build_rope_cache, rope_write_kv_ref
+from kernels.triton.rope import apply_rope, rope_write_kv
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -62,3 +62,67 @@ def test_gpu_rope_bf16(hq: int, hkv: int, head_dim: int) -> None:
     apply_rope_ref(positions, q_ref, k_ref, cache)
     apply_rope(positions, q, k, cache)
     torch.testing.assert_close(qkv, expected, atol=2e-2, rtol=2e-2)
+
+
+def _fused_case(hq: int, hkv: int, head_dim: int, page_size: int, dtype: torch.dtype, device: str = "cpu"):
+    """_case plus v, a NaN-filled cache and a slot mapping with padding tokens."""
+    qkv, q, k, positions = _case(9, hq, hkv, head_dim, dtype, device)
+    v = qkv[:, (hq + hkv) * head_dim :].view(9, hkv, head_dim)
+    gen = torch.Generator().manual_seed(hkv)
+    num_blocks = 4
+    slots = torch.randperm(num_blocks * page_size, generator=gen)[:9]
+    slots[[1, 6]] = -1
+    cache = torch.full((num_blocks, page_size, hkv, head_dim), float("nan"), dtype=dtype, device=device)
+    return qkv, q, k, v, positions, cache, slots.to(device)
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "head_dim", "page_size", "dtype", "scaling"),
+    [
+        (9, 3, 64, 16, torch.float32, None),  # smollm2 heads
+        (4, 1, 64, 4, torch.float16, LLAMA3_SCALING),
+        (3, 3, 48, 8, torch.float32, None),  # padded lanes and heads
+    ],
+)
+def test_rope_write_kv_matches_reference(
+    hq: int, hkv: int, head_dim: int, page_size: int, dtype: torch.dtype, scaling: dict | None
+) -> None:
+    rope_cache = build_rope_cache(head_dim, 512, 10000.0, scaling)
+    qkv, q, k, v, positions, cache, slots = _fused_case(hq, hkv, head_dim, page_size, dtype)
+    expected_qkv = qkv.clone()
+    views = [expected_qkv[:, a * head_dim : b * head_dim].view_as(x) for a, b, x in
+             [(0, hq, q), (hq, hq + hkv, k), (hq + hkv, hq + 2 * hkv, v)]]  # fmt: skip
+    k_ref, v_ref, k_out, v_out = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    rope_write_kv_ref(positions, *views, k_ref, v_ref, slots, rope_cache)
+    rope_write_kv(positions, q, k, v, k_out, v_out, slots, rope_cache)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    # q rotated in place; k and v of the projection left as they were.
+    torch.testing.assert_close(qkv, expected_qkv, atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, hq * head_dim :], expected_qkv[:, hq * head_dim :])
+    torch.testing.assert_close(k_out, k_ref, equal_nan=True, atol=tol, rtol=tol)
+    torch.testing.assert_close(v_out, v_ref, equal_nan=True, atol=0, rtol=0)
+    written = int((slots >= 0).sum()) * hkv * head_dim
+    assert int(torch.isfinite(k_out).sum()) == written == int(torch.isfinite(v_out).sum())
+    # The reference itself: the cached k is the rotation of the token's k (apply_rope_ref's).
+    rotated_q, rotated_k = q.clone(), k.clone()
+    apply_rope_ref(positions, rotated_q, rotated_k, rope_cache)
+    token = int(torch.nonzero(slots >= 0)[0])
+    slot = int(slots[token])
+    torch.testing.assert_close(k_ref[slot // page_size, slot % page_size], rotated_k[token])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("hq", "hkv", "head_dim"), [(32, 8, 128), (9, 3, 64)])
+def test_gpu_rope_write_kv_bf16(hq: int, hkv: int, head_dim: int) -> None:
+    rope_cache = build_rope_cache(head_dim, 4096, 500000.0, LLAMA3_SCALING, device="cuda")
+    qkv, q, k, v, positions, cache, slots = _fused_case(hq, hkv, head_dim, 16, torch.bfloat16, "cuda")
+    expected_qkv = qkv.clone()
+    views = [expected_qkv[:, a * head_dim : b * head_dim].view_as(x) for a, b, x in
+             [(0, hq, q), (hq, hq + hkv, k), (hq + hkv, hq + 2 * hkv, v)]]  # fmt: skip
+    k_ref, v_ref, k_out, v_out = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    rope_write_kv_ref(positions, *views, k_ref, v_ref, slots, rope_cache)
+    rope_write_kv(positions, q, k, v, k_out, v_out, slots, rope_cache)
+    torch.testing.assert_close(qkv, expected_qkv, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(k_out, k_ref, equal_nan=True, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(v_out, v_ref, equal_nan=True, atol=0, rtol=0)

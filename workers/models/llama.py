@@ -132,8 +132,7 @@ class LlamaAttention(nn.Module):
         q = qkv[:, :q_size].reshape(-1, self.num_heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].reshape(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].reshape(-1, self.num_kv_heads, self.head_dim)
-        ops.apply_rope(positions, q, k, cos_sin)
-        ops.write_kv(k, v, kv_cache[0], kv_cache[1], slot_mapping)
+        ops.rope_write_kv(positions, q, k, v, kv_cache[0], kv_cache[1], slot_mapping, cos_sin)
         return q
 
     def attend(
