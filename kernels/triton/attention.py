@@ -368,9 +368,13 @@ def choose_config(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> 
     gpad = triton.next_power_of_2(group)
     if num_tokens <= num_seqs:
         # Decode: one token per sequence, so the rows are just the GROUP heads of a KV head; 16 is
-        # the smallest tensor-core M. The kernel is bandwidth bound: long KV tiles and a 3-deep
-        # pipeline keep enough bytes in flight (2.7 TB/s on an H100 at 128 x 1k, llama3-8b).
-        tile_n = 128 if d_pad <= 128 else 64  # keeps 3 stages of K and V within shared memory
+        # the smallest tensor-core M. The kernel is bandwidth bound. At head_dim 128, 64-position
+        # tiles two stages deep (64 KB of shared memory, so three programs share an SM) beat the
+        # 128 x 3 tiles (192 KB, one program per SM) at every serving batch on the H200: 5-13 %
+        # at batch 64-256 (kernels_bench --only decode_sweep, kernels_llama3-8b_h200_758ef21.json).
+        if d_pad == 128:
+            return AttentionConfig(block_m=max(16, gpad), tile_n=64, num_warps=4, num_stages=2)
+        tile_n = 128 if d_pad < 128 else 64  # keeps 3 stages of K and V within shared memory
         return AttentionConfig(block_m=max(16, gpad), tile_n=tile_n, num_warps=4, num_stages=3)
     rows_per_seq = num_tokens * group // max(num_seqs, 1)
     if rows_per_seq < 128:

@@ -28,8 +28,8 @@ _GREEDY_EPS = 1e-5
 
 
 @triton.jit
-def _race_sub_block(row_ptr, tokens, u, vocab, inv_t, greedy):
-    """(best score, lowest token reaching it) over one block of tokens with its uniforms ``u``."""
+def _race_scores(row_ptr, tokens, u, vocab, inv_t, greedy):
+    """Per-token scores of one sub-block of tokens with its uniforms ``u`` (-inf past the vocab)."""
     valid = tokens < vocab
     x = tl.load(row_ptr + tokens, mask=valid, other=float("-inf")).to(tl.float32)
     # Scores in base-2 units (a positive scale leaves the argmax alone): x / T * log2(e) plus
@@ -37,10 +37,7 @@ def _race_sub_block(row_ptr, tokens, u, vocab, inv_t, greedy):
     # win (probability 2^-31).
     gumbel = -tl.log2(-tl.log2(u) * 0.6931471805599453)
     score = tl.where(greedy, x, x * inv_t + gumbel)
-    score = tl.where(valid, score, float("-inf"))
-    best = tl.max(score, 0)
-    token = tl.min(tl.where(score == best, tokens, vocab), 0)
-    return best, token
+    return tl.where(valid, score, float("-inf"))
 
 
 @triton.jit
@@ -70,20 +67,26 @@ def _race_chunk_kernel(
     lanes = tl.arange(0, QUARTER)
     u0, u1, u2, u3 = tl.rand4x(seed, chunk * QUARTER + lanes)
     base = chunk * BLOCK + lanes
-    best, token = _race_sub_block(row_ptr, base, u0, vocab, inv_t, greedy)
-    # Later sub-blocks hold higher tokens: they win only when strictly better (ties stay lowest).
-    for_best, for_token = _race_sub_block(row_ptr, base + QUARTER, u1, vocab, inv_t, greedy)
-    token = tl.where(for_best > best, for_token, token)
-    best = tl.maximum(best, for_best)
-    for_best, for_token = _race_sub_block(row_ptr, base + 2 * QUARTER, u2, vocab, inv_t, greedy)
-    token = tl.where(for_best > best, for_token, token)
-    best = tl.maximum(best, for_best)
-    for_best, for_token = _race_sub_block(row_ptr, base + 3 * QUARTER, u3, vocab, inv_t, greedy)
-    token = tl.where(for_best > best, for_token, token)
-    best = tl.maximum(best, for_best)
+    # The four sub-blocks are merged lane by lane first, so the program reduces across its threads
+    # once (a max and a min) instead of once per sub-block: those reductions, each a round of
+    # shared memory and barriers, bounded the kernel at large batches. A later sub-block holds the
+    # higher token of a lane, so it wins only when strictly better (ties stay with the lowest).
+    best = _race_scores(row_ptr, base, u0, vocab, inv_t, greedy)
+    token = base
+    score = _race_scores(row_ptr, base + QUARTER, u1, vocab, inv_t, greedy)
+    token = tl.where(score > best, base + QUARTER, token)
+    best = tl.maximum(best, score)
+    score = _race_scores(row_ptr, base + 2 * QUARTER, u2, vocab, inv_t, greedy)
+    token = tl.where(score > best, base + 2 * QUARTER, token)
+    best = tl.maximum(best, score)
+    score = _race_scores(row_ptr, base + 3 * QUARTER, u3, vocab, inv_t, greedy)
+    token = tl.where(score > best, base + 3 * QUARTER, token)
+    best = tl.maximum(best, score)
+    chunk_best = tl.max(best, 0)
+    chunk_token = tl.min(tl.where(best == chunk_best, token, vocab), 0)
     out = row * num_chunks + chunk
-    tl.store(best_score_ptr + out, best)
-    tl.store(best_token_ptr + out, tl.minimum(token, vocab - 1))  # an all -inf chunk names a real token
+    tl.store(best_score_ptr + out, chunk_best)
+    tl.store(best_token_ptr + out, tl.minimum(chunk_token, vocab - 1))  # an all -inf chunk names a real token
 
 
 @triton.jit
