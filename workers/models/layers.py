@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import ops
+
 
 @dataclass(frozen=True, slots=True)
 class TPGroup:
@@ -86,11 +88,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
-            return F.linear(x, self.weight, self.bias)
-        if self.bias is None:  # into a caller's buffer: the same GEMM, no copy
-            return torch.mm(x, self.weight.t(), out=out)
-        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+        return ops.linear(x, self.weight, self.bias, out)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -161,7 +159,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(ops.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 
