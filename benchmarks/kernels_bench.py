@@ -22,7 +22,6 @@ repeats, after warmup, divided by the calls per graph.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
@@ -321,33 +320,12 @@ def bench_decode_sweep(
 
 
 LINEAR_TOKENS = (1, 16, 32, 64, 96, 128, 192, 256)
-LINEAR_SWEEP_TOKENS = (1, 64)
-
-
-def _linear_sweep_configs(auto, in_features: int) -> list:
-    """Tiles around the heuristic's choice: block_n, block_k, depth, and half / twice its split."""
-    from kernels.triton.linear import LinearConfig
-
-    configs = []
-    for split in (max(1, auto.split_k // 2), auto.split_k, 2 * auto.split_k):
-        for block_n in (16, 32, 64):
-            for block_k in (128, 256):
-                if in_features % (split * block_k):
-                    continue
-                for stages in (3, 5):
-                    config = LinearConfig(block_n, block_k, split, 4, stages)
-                    if config != auto and config not in configs:
-                        configs.append(config)
-    return configs
 
 
 def bench_linear(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, quick: bool) -> list[dict]:
-    """The model's projections at decode batch sizes: cuBLAS (``F.linear``) against the
-    weight-streaming Triton GEMM (its heuristic's tiles, and a sweep around them at a few sizes)."""
+    """The model's projections (``F.linear``, cuBLAS) at decode batch sizes: weight bandwidth and
+    TFLOP/s, to see where the GEMMs leave the bandwidth bound."""
     import torch.nn.functional as F
-
-    from kernels.triton import linear as skinny
-    from kernels.triton.launch import parallel_compile
 
     hq, hkv, d = shapes.num_heads, shapes.num_kv_heads, shapes.head_dim
     projections = {
@@ -356,53 +334,31 @@ def bench_linear(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, qu
         "gate_up_proj": (shapes.hidden, 2 * shapes.intermediate),
         "down_proj": (shapes.intermediate, shapes.hidden),
     }
-    sms = skinny.num_sms(torch.device("cuda"))
     rows = []
     for m in LINEAR_TOKENS[::3] if quick else LINEAR_TOKENS:
         for name, (k, n) in projections.items():
-            operands = [
-                (
-                    torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
-                    torch.randn(n, k, device="cuda", dtype=torch.bfloat16),
-                )
-                for _ in range(layers)
-            ]
-            auto = skinny.choose_config(m, n, k, sms)
-            variants: list[tuple[str, Any]] = [("cublas", None)]
-            if auto is not None:
-                variants.append(("triton_auto", auto))
-                if m in LINEAR_SWEEP_TOKENS and not quick:
-                    variants += [("triton_sweep", c) for c in _linear_sweep_configs(auto, k)]
-                with parallel_compile(16):  # every variant's compile at once, on threads
-                    for _, config in variants[1:]:
-                        skinny.skinny_linear_launch(*operands[0], None, None, config)
+            calls = []
+            for _ in range(layers):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                calls.append(functools.partial(F.linear, x, w))
+            us = timer(calls)
             nbytes = 2 * (n * k + m * k + m * n)
-            for label, config in variants:
-                if config is None:
-                    calls = [functools.partial(F.linear, x, w) for x, w in operands]
-                else:
-                    calls = [
-                        functools.partial(skinny.skinny_linear_launch, x, w, None, None, config)
-                        for x, w in operands
-                    ]
-                us = timer(calls)
-                rows.append(
-                    {
-                        "kernel": "linear",
-                        "preset": shapes.name,
-                        "projection": name,
-                        "variant": label,
-                        "config": None if config is None else dataclasses.asdict(config),
-                        "tokens": m,
-                        "in_features": k,
-                        "out_features": n,
-                        "median_us": us,
-                        "GBps": nbytes / us / 1e3,
-                        "fraction_of_copy": nbytes / us / 1e3 / copy_gbps,
-                        "TFLOPs_achieved": 2 * m * n * k / us / 1e6,
-                    }
-                )
-            del operands
+            rows.append(
+                {
+                    "kernel": "linear",
+                    "preset": shapes.name,
+                    "projection": name,
+                    "tokens": m,
+                    "in_features": k,
+                    "out_features": n,
+                    "median_us": us,
+                    "GBps": nbytes / us / 1e3,
+                    "fraction_of_copy": nbytes / us / 1e3 / copy_gbps,
+                    "TFLOPs_achieved": 2 * m * n * k / us / 1e6,
+                }
+            )
+            del calls
     return rows
 
 

@@ -17,7 +17,6 @@ import torch
 from kernels.reference import (
     apply_rope_ref,
     fused_add_rms_norm_ref,
-    linear_ref,
     paged_attention_ref,
     rms_norm_ref,
     rope_write_kv_ref,
@@ -34,21 +33,6 @@ def _triton(name: str) -> ModuleType:
     if module is None:
         module = _modules[name] = importlib.import_module(f"kernels.triton.{name}")
     return module
-
-
-def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``F.linear``: the weight-streaming Triton GEMM for the decode-sized shapes where it beats
-    cuBLAS (kernels/triton/linear.py says which), cuBLAS for everything else."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
-        y = _triton("linear").linear(x, weight, bias, out)
-        if y is not None:
-            return y
-    return linear_ref(x, weight, bias, out)
 
 
 def write_kv(
