@@ -7,8 +7,7 @@ Reports, per preset (llama3-8b, smollm2-135m by default):
   measured device copy bandwidth (torch copy of 1 GiB, bytes read + written), for the split-KV
   heuristic's choice, no split, and twice its split;
 * prefill attention (fresh, and chunked over a cached prefix): causal TFLOP/s;
-* write_kv, rms_norm, fused_add_rms_norm, apply_rope, rope_write_kv (and the two launches it
-  replaces), silu_and_mul: bandwidth and fraction of copy;
+* rms_norm, fused_add_rms_norm, rope_write_kv, silu_and_mul: bandwidth and fraction of copy;
 * with --only decode_sweep: the decode tile heuristic against every tile / warps / stages choice
   at serving-sized llama3-8b batches; with --only linear: the model's projections (cuBLAS) at
   decode batch sizes.
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PRESETS_DIR = ROOT.parent / "shared" / "bench" / "presets"
+DEFAULT_PRESETS_DIR = ROOT / "benchmarks" / "presets"  # the checkout's copy of ../shared/bench/presets
 
 
 @dataclass(frozen=True)
@@ -52,27 +51,6 @@ class Shapes:
     rope_theta: float
     rope_scaling: dict | None
 
-
-# Used when the presets directory is not beside the checkout (e.g. on a lent GPU machine).
-FALLBACK = {
-    "llama3-8b": Shapes(
-        "llama3-8b",
-        32,
-        8,
-        128,
-        4096,
-        14336,
-        500000.0,
-        {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    ),
-    "smollm2-135m": Shapes("smollm2-135m", 9, 3, 64, 576, 1536, 100000.0, None),
-}
 
 DECODE_SHAPES = [
     (1, 8192),
@@ -96,9 +74,7 @@ TOKEN_COUNTS = [1, 64, 512, 4096, 16384]
 def load_shapes(name: str, presets_dir: Path) -> Shapes:
     path = presets_dir / name / "config.json"
     if not path.exists():
-        if name in FALLBACK:
-            return FALLBACK[name]
-        raise SystemExit(f"no preset {name!r} at {path} and no built-in fallback")
+        raise SystemExit(f"no preset {name!r} at {path}")
     cfg = json.loads(path.read_text())
     heads = cfg["num_attention_heads"]
     return Shapes(
@@ -218,15 +194,15 @@ def bench_decode(
         ]
         outs = [torch.empty_like(args[0]) for args in per_layer]
         kv_bytes = 2 * batch * ctx * shapes.num_kv_heads * shapes.head_dim * elem
-        config = attention.choose_config(batch, batch, group, shapes.head_dim)
-        auto = attention.choose_num_splits(
-            batch, batch, shapes.num_kv_heads, attention.num_sms(outs[0].device)
-        )
+        sms = attention.num_sms(outs[0].device)
+        auto = attention.choose_num_splits(batch, batch, shapes.num_kv_heads, sms)
         # The heuristic's choice next to no split and twice its split, to show it is a local optimum.
         variants = {"auto": auto, "no_split": 1, "double_split": min(2 * auto, attention.MAX_SPLITS)}
         for label, splits in variants.items():
             if label != "auto" and splits == auto:
                 continue
+            programs_per_sm = batch * shapes.num_kv_heads * splits / sms
+            config = attention.choose_config(batch, batch, group, shapes.head_dim, programs_per_sm)
             calls = [
                 functools.partial(attention.paged_attention_launch, *args, scale, out, config, splits)
                 for args, out in zip(per_layer, outs)
@@ -277,10 +253,10 @@ def bench_decode_sweep(
         ]
         outs = [torch.empty_like(args[0]) for args in per_layer]
         kv_bytes = 2 * batch * ctx * shapes.num_kv_heads * shapes.head_dim * 2
-        auto = attention.choose_config(batch, batch, group, shapes.head_dim)
-        splits = attention.choose_num_splits(
-            batch, batch, shapes.num_kv_heads, attention.num_sms(outs[0].device)
-        )
+        sms = attention.num_sms(outs[0].device)
+        splits = attention.choose_num_splits(batch, batch, shapes.num_kv_heads, sms)
+        programs_per_sm = batch * shapes.num_kv_heads * splits / sms
+        auto = attention.choose_config(batch, batch, group, shapes.head_dim, programs_per_sm)
         configs = [auto] + [
             attention.AttentionConfig(auto.block_m, tile_n, warps, stages)
             for tile_n in SWEEP_TILES
@@ -399,9 +375,8 @@ def bench_prefill(shapes: Shapes, timer: Timer, page_size: int, layers: int, qui
 def bench_pointwise(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, quick: bool) -> list[dict]:
     from kernels.reference import build_rope_cache
     from kernels.triton.activation import silu_and_mul
-    from kernels.triton.kv_cache import write_kv
     from kernels.triton.norm import fused_add_rms_norm, rms_norm
-    from kernels.triton.rope import apply_rope, rope_write_kv
+    from kernels.triton.rope import rope_write_kv
 
     dt = torch.bfloat16
     elem = 2
@@ -422,18 +397,6 @@ def bench_pointwise(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int,
     def silu_call(m: int) -> Callable[[], Any]:
         return functools.partial(silu_and_mul, rand(m, 2 * inter))
 
-    def rope_call(m: int) -> Callable[[], Any]:
-        qkv = rand(m, (hq + 2 * hkv) * d)  # q and k as strided views of a fused projection
-        q, k = qkv[:, : hq * d].view(m, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(m, hkv, d)
-        positions = torch.randint(0, 32768, (m,), device="cuda")
-        return functools.partial(apply_rope, positions, q, k, rope_cache)
-
-    def write_kv_call(m: int) -> Callable[[], Any]:
-        num_blocks = math.ceil(m / page) + 1
-        k_cache, v_cache = rand(num_blocks, page, hkv, d), rand(num_blocks, page, hkv, d)
-        slots = torch.randperm(num_blocks * page, device="cuda")[:m]
-        return functools.partial(write_kv, rand(m, hkv, d), rand(m, hkv, d), k_cache, v_cache, slots)
-
     def rope_kv_args(m: int) -> tuple[torch.Tensor, ...]:
         qkv = rand(m, (hq + 2 * hkv) * d)
         q = qkv[:, : hq * d].view(m, hq, d)
@@ -448,28 +411,16 @@ def bench_pointwise(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int,
     def rope_write_kv_call(m: int) -> Callable[[], Any]:
         return functools.partial(rope_write_kv, *rope_kv_args(m), rope_cache)
 
-    def rope_then_write_kv_call(m: int) -> Callable[[], Any]:
-        positions, q, k, v, k_cache, v_cache, slots = rope_kv_args(m)
-
-        def call() -> None:
-            apply_rope(positions, q, k, rope_cache)
-            write_kv(k, v, k_cache, v_cache, slots)
-
-        return call
-
     def rope_kv_bytes(m: int) -> int:
         """What the fused kernel must move: q read and written, k and v read, both written to the
-        cache, the cos/sin row read (the two launches move k twice more)."""
+        cache, the cos/sin row read."""
         return (2 * hq + 2 * hkv) * m * d * elem + 2 * m * hkv * d * elem + m * d * 4
 
     kernels: dict[str, tuple[Callable[[int], Callable[[], Any]], Callable[[int], int]]] = {
         "rms_norm": (norm_call, lambda m: 2 * m * hidden * elem),
         "fused_add_rms_norm": (add_norm_call, lambda m: 4 * m * hidden * elem),
         "silu_and_mul": (silu_call, lambda m: 3 * m * inter * elem),
-        "apply_rope": (rope_call, lambda m: 2 * m * (hq + hkv) * d * elem + m * d * 4),
-        "write_kv": (write_kv_call, lambda m: 2 * 2 * m * hkv * d * elem),
         "rope_write_kv": (rope_write_kv_call, rope_kv_bytes),
-        "apply_rope+write_kv": (rope_then_write_kv_call, rope_kv_bytes),
     }
     rows = []
     for m in TOKEN_COUNTS[::2] if quick else TOKEN_COUNTS:

@@ -15,14 +15,12 @@ from types import ModuleType
 import torch
 
 from kernels.reference import (
-    apply_rope_ref,
     fused_add_rms_norm_ref,
     paged_attention_ref,
     rms_norm_ref,
     rope_write_kv_ref,
     sample_race_ref,
     silu_and_mul_ref,
-    write_kv_ref,
 )
 
 _modules: dict[str, ModuleType] = {}
@@ -33,18 +31,6 @@ def _triton(name: str) -> ModuleType:
     if module is None:
         module = _modules[name] = importlib.import_module(f"kernels.triton.{name}")
     return module
-
-
-def write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    if key.is_cuda:
-        return _triton("kv_cache").write_kv(key, value, k_cache, v_cache, slot_mapping)
-    return write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(
@@ -82,17 +68,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
         return _triton("activation").silu_and_mul(x)
     return silu_and_mul_ref(x)
-
-
-def apply_rope(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-) -> None:
-    if query.is_cuda:
-        return _triton("rope").apply_rope(positions, query, key, cos_sin_cache)
-    return apply_rope_ref(positions, query, key, cos_sin_cache)
 
 
 def rope_write_kv(

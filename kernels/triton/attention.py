@@ -43,6 +43,8 @@ MAX_SPLITS = 32
 # Fewest cache positions one split handles: shorter splits cost more in the reduce than they gain.
 MIN_SPLIT_TOKENS = 256
 _PROGRAMS_PER_SM = 2
+# Decode grids with at least this many programs per SM take the shallow-pipeline tiles.
+_MANY_PROGRAMS_PER_SM = 3.0
 
 
 @dataclass(frozen=True)
@@ -362,20 +364,29 @@ def choose_num_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, sms: in
     return splits
 
 
-def choose_config(num_tokens: int, num_seqs: int, group: int, head_dim: int) -> AttentionConfig:
-    """Tile shapes from shapes only (fixed heuristics: no autotune inside CUDA graphs)."""
+def choose_config(
+    num_tokens: int, num_seqs: int, group: int, head_dim: int, programs_per_sm: float = 0.0
+) -> AttentionConfig:
+    """Tile shapes from shapes only (fixed heuristics: no autotune inside CUDA graphs).
+
+    ``programs_per_sm``: the decode grid's programs (sequences x KV heads x splits) per SM.
+    """
     d_pad = triton.next_power_of_2(head_dim)
     gpad = triton.next_power_of_2(group)
     if num_tokens <= num_seqs:
         # Decode: one token per sequence, so the rows are just the GROUP heads of a KV head; 16 is
-        # the smallest tensor-core M. The kernel is bandwidth bound. At head_dim 128, 64-position
-        # tiles two stages deep (64 KB of shared memory, so three programs share an SM) beat the
-        # 128 x 3 tiles (192 KB, one program per SM) at every serving batch on the H200: 5-13 %
-        # at batch 64-256 (kernels_bench --only decode_sweep, kernels_llama3-8b_h200_758ef21.json).
-        if d_pad == 128:
-            return AttentionConfig(block_m=max(16, gpad), tile_n=64, num_warps=4, num_stages=2)
-        tile_n = 128 if d_pad < 128 else 64  # keeps 3 stages of K and V within shared memory
-        return AttentionConfig(block_m=max(16, gpad), tile_n=tile_n, num_warps=4, num_stages=3)
+        # the smallest tensor-core M. The kernel is bandwidth bound, and what keeps enough bytes in
+        # flight depends on how many programs share an SM. Few (small, split batches): 128-position
+        # tiles three stages deep. Many (serving batches): two stages, so that more programs fit
+        # an SM's shared memory, and at head_dim 128 also 64-position tiles (64 KB, three programs
+        # per SM, against one at 128 x 3). The H200 sweep (kernels_bench --only decode_sweep,
+        # kernels_decode_sweep_h200_c54a51f.json): llama3-8b 7-11 % faster at batch 64-256,
+        # llama3.2-1b 7-12 %; at batch 16 (split) the deep tiles stay the best.
+        block_m = max(16, gpad)
+        if programs_per_sm >= _MANY_PROGRAMS_PER_SM and d_pad <= 128:
+            return AttentionConfig(block_m, tile_n=64 if d_pad == 128 else 128, num_warps=4, num_stages=2)
+        tile_n = 128 if d_pad <= 128 else 64  # keeps 3 stages of K and V within shared memory
+        return AttentionConfig(block_m=block_m, tile_n=tile_n, num_warps=4, num_stages=3)
     rows_per_seq = num_tokens * group // max(num_seqs, 1)
     if rows_per_seq < 128:
         # Mixed batch of decodes and short chunks: smaller q-blocks waste less on the decode rows.
@@ -470,8 +481,10 @@ def paged_attention(
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
-    config = choose_config(num_tokens, num_seqs, num_heads // num_kv_heads, head_dim)
-    splits = choose_num_splits(num_tokens, num_seqs, num_kv_heads, num_sms(query.device))
+    sms = num_sms(query.device)
+    splits = choose_num_splits(num_tokens, num_seqs, num_kv_heads, sms)
+    programs_per_sm = num_seqs * num_kv_heads * splits / sms
+    config = choose_config(num_tokens, num_seqs, num_heads // num_kv_heads, head_dim, programs_per_sm)
     return paged_attention_launch(
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, config, splits
     )

@@ -79,9 +79,18 @@ def test_decode_batch_default_path() -> None:
 def test_decode_tiles_split_and_unsplit() -> None:
     seqs = [(130, 1), (7, 1), (64, 1), (0, 1)]
     batch = make_paged_batch(seqs, 4, 2, HEAD_DIM, 16, torch.float32, pad_tokens=1, seed=4)
-    config = attention.choose_config(4, 4, 2, HEAD_DIM)
-    check(batch, run(batch, config, 1))
-    check(batch, run(batch, config, 4, min_split_tokens=64))
+    for programs_per_sm in (0.5, 8.0):  # the deep and the shallow decode tiles
+        config = attention.choose_config(4, 4, 2, HEAD_DIM, programs_per_sm)
+        check(batch, run(batch, config, 1))
+        check(batch, run(batch, config, 4, min_split_tokens=64))
+
+
+def test_decode_tiles_follow_the_programs_per_sm() -> None:
+    few = attention.choose_config(16, 16, 4, 128, programs_per_sm=1.9)
+    many = attention.choose_config(64, 64, 4, 128, programs_per_sm=3.9)
+    assert (few.tile_n, few.num_stages) == (128, 3)
+    assert (many.tile_n, many.num_stages) == (64, 2)
+    assert attention.choose_config(64, 64, 4, 64, programs_per_sm=3.9).num_stages == 2
 
 
 def test_prefill_default_path() -> None:
@@ -143,7 +152,7 @@ def test_gpu_bf16_mixed_and_decode(preset: str, page_size: int) -> None:
         batch = make_paged_batch(seqs, hq, hkv, d, page_size, torch.bfloat16, device="cuda", seed=num_seqs)
         _gpu_check(batch, attention.paged_attention(*batch.args(), scale), scale)
         for splits in (1, 8):
-            cfg = attention.choose_config(num_seqs, num_seqs, hq // hkv, d)
+            cfg = attention.choose_config(num_seqs, num_seqs, hq // hkv, d, num_seqs * hkv * splits / 132)
             out = attention.paged_attention_launch(*batch.args(), scale, None, cfg, splits)
             _gpu_check(batch, out, scale)
 

@@ -1,4 +1,5 @@
-"""Triton apply_rope (in place, NeoX style) and rope_write_kv against the torch references."""
+"""Triton rope_write_kv (NeoX rotation of q in place, rotated k and v into the paged cache) against
+the torch reference."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from kernels.reference import apply_rope_ref, build_rope_cache, rope_write_kv_ref
-from kernels.triton.rope import apply_rope, rope_write_kv
+from kernels.triton.rope import rope_write_kv
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -25,43 +26,6 @@ def _case(num_tokens: int, hq: int, hkv: int, head_dim: int, dtype: torch.dtype,
     k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(num_tokens, hkv, head_dim)
     positions = torch.randint(0, 500, (num_tokens,), generator=gen).to(device)
     return qkv, q, k, positions
-
-
-@pytest.mark.parametrize(
-    ("hq", "hkv", "head_dim", "dtype", "scaling"),
-    [
-        (9, 3, 64, torch.float32, None),  # smollm2 heads
-        (4, 1, 64, torch.float16, LLAMA3_SCALING),
-        (3, 3, 48, torch.float32, None),  # half width 24: padded lanes
-    ],
-)
-def test_rope_matches_reference(
-    hq: int, hkv: int, head_dim: int, dtype: torch.dtype, scaling: dict | None
-) -> None:
-    cache = build_rope_cache(head_dim, 512, 10000.0, scaling)
-    qkv, q, k, positions = _case(7, hq, hkv, head_dim, dtype)
-    expected = qkv.clone()
-    q_ref = expected[:, : hq * head_dim].view_as(q)
-    k_ref = expected[:, hq * head_dim : (hq + hkv) * head_dim].view_as(k)
-    apply_rope_ref(positions, q_ref, k_ref, cache)
-    apply_rope(positions, q, k, cache)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    # The whole buffer: q and k rotated, v untouched.
-    torch.testing.assert_close(qkv, expected, atol=tol, rtol=tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("hq", "hkv", "head_dim"), [(32, 8, 128), (9, 3, 64)])
-def test_gpu_rope_bf16(hq: int, hkv: int, head_dim: int) -> None:
-    cache = build_rope_cache(head_dim, 4096, 500000.0, LLAMA3_SCALING, device="cuda")
-    qkv, q, k, positions = _case(300, hq, hkv, head_dim, torch.bfloat16, device="cuda")
-    expected = qkv.clone()
-    q_ref = expected[:, : hq * head_dim].view_as(q)
-    k_ref = expected[:, hq * head_dim : (hq + hkv) * head_dim].view_as(k)
-    apply_rope_ref(positions, q_ref, k_ref, cache)
-    apply_rope(positions, q, k, cache)
-    torch.testing.assert_close(qkv, expected, atol=2e-2, rtol=2e-2)
 
 
 def _fused_case(hq: int, hkv: int, head_dim: int, page_size: int, dtype: torch.dtype, device: str = "cpu"):
@@ -126,3 +90,25 @@ def test_gpu_rope_write_kv_bf16(hq: int, hkv: int, head_dim: int) -> None:
     torch.testing.assert_close(qkv, expected_qkv, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(k_out, k_ref, equal_nan=True, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(v_out, v_ref, equal_nan=True, atol=0, rtol=0)
+
+
+def test_rope_write_kv_into_stacked_cache_views() -> None:
+    # One [num_blocks, 2, page, Hkv, D] tensor unbound into K and V views (non-contiguous caches).
+    rope_cache = build_rope_cache(64, 512, 10000.0, None)
+    _, q, k, v, positions, cache, slots = _fused_case(4, 2, 64, 16, torch.float32)
+    stacked = torch.full((cache.shape[0], 2, *cache.shape[1:]), float("nan"))
+    expected = stacked.clone()
+    rope_write_kv_ref(positions, q.clone(), k, v, expected[:, 0], expected[:, 1], slots, rope_cache)
+    rope_write_kv(positions, q, k, v, stacked[:, 0], stacked[:, 1], slots, rope_cache)
+    torch.testing.assert_close(stacked, expected, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_write_kv_of_padding_tokens_writes_no_cache_slot() -> None:
+    rope_cache = build_rope_cache(64, 512, 10000.0, None)
+    _, q, k, v, positions, cache, slots = _fused_case(4, 2, 64, 16, torch.float32)
+    k_out, v_out = cache.clone(), cache.clone()
+    expected_q = q.clone()
+    apply_rope_ref(positions, expected_q, k.clone(), rope_cache)
+    rope_write_kv(positions, q, k, v, k_out, v_out, torch.full_like(slots, -1), rope_cache)
+    assert torch.isnan(k_out).all() and torch.isnan(v_out).all()
+    torch.testing.assert_close(q, expected_q, atol=1e-5, rtol=1e-5)  # q is rotated all the same
