@@ -40,6 +40,18 @@ def _fused_case(hq: int, hkv: int, head_dim: int, page_size: int, dtype: torch.d
     return qkv, q, k, v, positions, cache, slots.to(device)
 
 
+def _run_both(qkv, q, k, v, positions, cache, slots, rope_cache):
+    """The reference on a copy of the projection, the kernel on the projection itself: (the
+    expected projection, reference caches, kernel caches)."""
+    expected_qkv = qkv.clone()
+    widths = [q.shape[1] * q.shape[2], k.shape[1] * k.shape[2], v.shape[1] * v.shape[2]]
+    views = [part.view_as(x) for part, x in zip(expected_qkv.split(widths, dim=1), (q, k, v))]
+    k_ref, v_ref, k_out, v_out = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    rope_write_kv_ref(positions, *views, k_ref, v_ref, slots, rope_cache)
+    rope_write_kv(positions, q, k, v, k_out, v_out, slots, rope_cache)
+    return expected_qkv, k_ref, v_ref, k_out, v_out
+
+
 @pytest.mark.parametrize(
     ("hq", "hkv", "head_dim", "page_size", "dtype", "scaling"),
     [
@@ -53,12 +65,7 @@ def test_rope_write_kv_matches_reference(
 ) -> None:
     rope_cache = build_rope_cache(head_dim, 512, 10000.0, scaling)
     qkv, q, k, v, positions, cache, slots = _fused_case(hq, hkv, head_dim, page_size, dtype)
-    expected_qkv = qkv.clone()
-    views = [expected_qkv[:, a * head_dim : b * head_dim].view_as(x) for a, b, x in
-             [(0, hq, q), (hq, hq + hkv, k), (hq + hkv, hq + 2 * hkv, v)]]  # fmt: skip
-    k_ref, v_ref, k_out, v_out = cache.clone(), cache.clone(), cache.clone(), cache.clone()
-    rope_write_kv_ref(positions, *views, k_ref, v_ref, slots, rope_cache)
-    rope_write_kv(positions, q, k, v, k_out, v_out, slots, rope_cache)
+    expected_qkv, k_ref, v_ref, k_out, v_out = _run_both(qkv, q, k, v, positions, cache, slots, rope_cache)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     # q rotated in place; k and v of the projection left as they were.
     torch.testing.assert_close(qkv, expected_qkv, atol=tol, rtol=tol)
@@ -81,12 +88,7 @@ def test_rope_write_kv_matches_reference(
 def test_gpu_rope_write_kv_bf16(hq: int, hkv: int, head_dim: int) -> None:
     rope_cache = build_rope_cache(head_dim, 4096, 500000.0, LLAMA3_SCALING, device="cuda")
     qkv, q, k, v, positions, cache, slots = _fused_case(hq, hkv, head_dim, 16, torch.bfloat16, "cuda")
-    expected_qkv = qkv.clone()
-    views = [expected_qkv[:, a * head_dim : b * head_dim].view_as(x) for a, b, x in
-             [(0, hq, q), (hq, hq + hkv, k), (hq + hkv, hq + 2 * hkv, v)]]  # fmt: skip
-    k_ref, v_ref, k_out, v_out = cache.clone(), cache.clone(), cache.clone(), cache.clone()
-    rope_write_kv_ref(positions, *views, k_ref, v_ref, slots, rope_cache)
-    rope_write_kv(positions, q, k, v, k_out, v_out, slots, rope_cache)
+    expected_qkv, k_ref, v_ref, k_out, v_out = _run_both(qkv, q, k, v, positions, cache, slots, rope_cache)
     torch.testing.assert_close(qkv, expected_qkv, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(k_out, k_ref, equal_nan=True, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(v_out, v_ref, equal_nan=True, atol=0, rtol=0)
