@@ -380,7 +380,7 @@ def choose_config(
         # tiles three stages deep. Many (serving batches): two stages, so that more programs fit
         # an SM's shared memory, and at head_dim 128 also 64-position tiles (64 KB, three programs
         # per SM, against one at 128 x 3). The H200 sweep (kernels_bench --only decode_sweep,
-        # kernels_decode_sweep_h200_c54a51f.json): llama3-8b 7-11 % faster at batch 64-256,
+        # kernels_decode_sweep_h200_c54a51f.json): llama3-8b 6-11 % faster at batch 64-256,
         # llama3.2-1b 7-12 %; at batch 16 (split) the deep tiles stay the best.
         block_m = max(16, gpad)
         if programs_per_sm >= _MANY_PROGRAMS_PER_SM and d_pad <= 128:
