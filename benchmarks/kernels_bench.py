@@ -338,6 +338,144 @@ def bench_linear(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, qu
     return rows
 
 
+LINEAR_SWEEP_TOKENS = (1, 16, 32, 64, 128, 256)
+
+
+def _linear_sweep_configs(num_rows: int, out_features: int, in_features: int, sms: int) -> list:
+    """Every tile / split / depth that covers the shape, fits shared memory and gives the grid
+    between half a program and 32 programs per SM."""
+    from kernels.triton.linear import LinearConfig
+
+    first_m = max(16, triton_next_power_of_2(num_rows))
+    block_ms = [first_m] if num_rows <= 64 else [64, 128]
+    configs = []
+    for block_m in block_ms:
+        for block_n in (16, 32, 64, 128):
+            for block_k in (64, 128, 256):
+                for split in (1, 2, 4, 8):
+                    for stages in (3, 4, 5):
+                        for warps in (4, 8) if block_m * block_n >= 64 * 128 else (4,):
+                            config = LinearConfig(block_m, block_n, block_k, split, warps, stages)
+                            programs = -(-num_rows // block_m) * out_features // block_n * split
+                            if (
+                                config.fits(num_rows, out_features, in_features)
+                                and sms / 2 <= programs <= 32 * sms
+                            ):
+                                configs.append(config)
+    return configs
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def bench_linear_sweep(
+    shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, quick: bool
+) -> list[dict]:
+    """Every decode-sized projection of a preset: cuBLAS (``F.linear``; with cuBLASLt preferred;
+    on a [K, N] copy of the weight) against every Triton skinny-GEMM tile choice."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from triton.runtime.errors import OutOfResources
+
+    from kernels.triton import linear as skinny
+    from kernels.triton.launch import parallel_compile
+
+    hq, hkv, d = shapes.num_heads, shapes.num_kv_heads, shapes.head_dim
+    projections = {
+        "qkv_proj": (shapes.hidden, (hq + 2 * hkv) * d),
+        "o_proj": (hq * d, shapes.hidden),
+        "gate_up_proj": (shapes.hidden, 2 * shapes.intermediate),
+        "down_proj": (shapes.intermediate, shapes.hidden),
+    }
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default_blas = torch.backends.cuda.preferred_blas_library()
+    rows = []
+    for m in LINEAR_SWEEP_TOKENS[:2] if quick else LINEAR_SWEEP_TOKENS:
+        for name, (k, n) in projections.items():
+            operands = [
+                (
+                    torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+                    torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5,
+                )
+                for _ in range(layers)
+            ]
+            configs = _linear_sweep_configs(m, n, k, sms)
+            with parallel_compile(16):  # every variant's compile at once, on threads
+                for config in configs:
+                    skinny.skinny_linear_launch(*operands[0], None, None, config)
+            expected = F.linear(*operands[0])
+            variants: list[tuple[str, Any, list]] = [
+                ("cublas", None, [functools.partial(F.linear, x, w) for x, w in operands]),
+            ]
+            transposed = [(x, w.t().contiguous()) for x, w in operands[:layers]]
+            variants.append(("cublas_kn", None, [functools.partial(torch.mm, x, wt) for x, wt in transposed]))
+            variants += [
+                (
+                    "triton",
+                    c,
+                    [
+                        functools.partial(skinny.skinny_linear_launch, x, w, None, None, c)
+                        for x, w in operands
+                    ],
+                )
+                for c in configs
+            ]
+            nbytes = 2 * (n * k + m * k + m * n)
+            for label, config, calls in variants:
+                try:
+                    if config is not None:  # a wrong tile choice must not enter the table
+                        got = calls[0]()
+                        torch.testing.assert_close(got.float(), expected.float(), atol=5e-2, rtol=5e-2)
+                    us = timer(calls)
+                except OutOfResources:
+                    continue
+                rows.append(
+                    {
+                        "kernel": "linear_sweep",
+                        "preset": shapes.name,
+                        "projection": name,
+                        "variant": label,
+                        "config": None if config is None else dataclasses.asdict(config),
+                        "tokens": m,
+                        "in_features": k,
+                        "out_features": n,
+                        "median_us": us,
+                        "GBps": nbytes / us / 1e3,
+                        "fraction_of_copy": nbytes / us / 1e3 / copy_gbps,
+                    }
+                )
+                if label == "cublas":  # the same calls with cuBLASLt preferred
+                    torch.backends.cuda.preferred_blas_library("cublaslt")
+                    try:
+                        us = timer(calls)
+                    finally:
+                        torch.backends.cuda.preferred_blas_library(default_blas)
+                    rows.append(
+                        {
+                            **rows[-1],
+                            "variant": "cublaslt",
+                            "median_us": us,
+                            "GBps": nbytes / us / 1e3,
+                            "fraction_of_copy": nbytes / us / 1e3 / copy_gbps,
+                        }
+                    )
+            best: dict[str, dict] = {}
+            for r in rows:
+                same_shape = r["projection"] == name and r["tokens"] == m and r["preset"] == shapes.name
+                if same_shape and r["median_us"] < best.get(r["variant"], {}).get("median_us", math.inf):
+                    best[r["variant"]] = r
+            print(
+                f"{shapes.name} {name} M={m}: "
+                + ", ".join(f"{v} {r['median_us']:.1f} us" for v, r in best.items())
+                + f"; best triton {best.get('triton', {}).get('config')}",
+                flush=True,
+            )
+            del operands, transposed, variants
+    return rows
+
+
 def bench_prefill(shapes: Shapes, timer: Timer, page_size: int, layers: int, quick: bool) -> list[dict]:
     from kernels.triton import attention
 
@@ -468,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["decode", "decode_sweep", "prefill", "pointwise", "linear"],
+        choices=["decode", "decode_sweep", "prefill", "pointwise", "linear", "linear_sweep"],
         default=["decode", "prefill", "pointwise"],
     )
     args = parser.parse_args(argv)
@@ -493,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             results += bench_decode_sweep(shapes, timer, copy_gbps, args.page_size, args.layers, args.quick)
         if "linear" in args.only:
             results += bench_linear(shapes, timer, copy_gbps, args.layers, args.quick)
+        if "linear_sweep" in args.only:
+            results += bench_linear_sweep(shapes, timer, copy_gbps, args.layers, args.quick)
         if "prefill" in args.only:
             results += bench_prefill(shapes, timer, args.page_size, args.layers, args.quick)
         if "pointwise" in args.only:

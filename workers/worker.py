@@ -7,14 +7,16 @@ schedules nothing.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
 
 from ipc.config import EngineConfig
 from ipc.messages import ModelRunnerOutput, SchedulerOutput
-from workers.model_runner import ModelRunner, PendingStep
-from workers.models.layers import TPGroup
+from kernels.gemm import MIN_GAIN, tune_gemm_plan
+from workers.model_runner import MAX_COMPILE_THREADS, ModelRunner, PendingStep, capture_sizes
+from workers.models.layers import TPGroup, attach_gemm_plan, linear_weights
 from workers.models.registry import build_model, load_model_weights
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ def torch_dtype(name: str) -> torch.dtype:
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 # Left free for the CUDA-graph memory pool, which is filled after the KV cache is allocated.
 CUDA_GRAPH_RESERVE_BYTES = 512 << 20
+# GEMMs of more rows than this are compute-bound, where cuBLAS's tiles won every shape measured:
+# they are not tuned.
+GEMM_TUNING_MAX_ROWS = 256
 
 
 class Worker:
@@ -68,6 +73,7 @@ class Worker:
         )
         logger.info("model loaded in %.2f s on %s (%s)", time.perf_counter() - start, self.device, self.dtype)
         if self.device.type == "cuda":  # before the memory profile, so that it compiles nothing
+            self._tune_gemms()
             done = self.runner.warmup()
             logger.info(
                 "kernels compiled for %d step shapes in %.1f s (%d threads); warm-up passes %.1f s",
@@ -76,6 +82,23 @@ class Worker:
                 done.compile_threads,
                 done.run_s,
             )
+
+    def _tune_gemms(self) -> None:
+        """Time cuBLAS, cuBLASLt and the Triton GEMM on the model's weights at every decode batch
+        size that gets a CUDA graph, and let the linears run the winners (kernels/gemm.py)."""
+        start = time.perf_counter()
+        sizes = [s for s in capture_sizes(self.config.scheduler.max_num_seqs) if s <= GEMM_TUNING_MAX_ROWS]
+        threads = max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
+        with torch.inference_mode():
+            plan = tune_gemm_plan(linear_weights(self.model), sizes, threads)
+        attach_gemm_plan(self.model, plan)
+        logger.info(
+            "GEMMs tuned for %d batch sizes in %.1f s: %s beat cuBLAS by >= %.0f %%",
+            len(sizes),
+            time.perf_counter() - start,
+            plan.summary(),
+            100 * MIN_GAIN,
+        )
 
     @property
     def kv_bytes_per_block(self) -> int:

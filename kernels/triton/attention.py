@@ -24,14 +24,13 @@ there). Design:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.launch import launch
+from kernels.triton.launch import launch, num_sms
 
 _LOG2E = 1.4426950408889634
 
@@ -334,18 +333,6 @@ def _split_reduce_kernel(
     out = num / tl.where(den == 0.0, 1.0, den)
     o_ptrs = out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + offs_d * stride_od
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """SM count of a CUDA device; a small stand-in under the CPU interpreter keeps test grids tiny."""
-    if device.type != "cuda":
-        return 16
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def choose_num_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, sms: int) -> int:

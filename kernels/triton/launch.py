@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 import triton
 
 # A ContextVar rather than a flag: Triton keys its own compile mode the same way, and the setting
@@ -43,3 +45,15 @@ def parallel_compile(max_workers: int) -> Iterator[None]:
             yield
         finally:
             _COMPILE_ONLY.reset(token)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """SM count of a CUDA device; a small stand-in under the CPU interpreter keeps test grids tiny."""
+    if device.type != "cuda":
+        return 16
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

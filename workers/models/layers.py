@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gemm import GemmPlan
+
 
 @dataclass(frozen=True, slots=True)
 class TPGroup:
@@ -80,17 +82,15 @@ class ColumnParallelLinear(nn.Module):
         self.out_per_rank = _divide(out_features, tp.size, "output size")
         self.weight = _set_loader(nn.Parameter(torch.empty(self.out_per_rank, in_features)), self._load)
         self.bias = _set_loader(nn.Parameter(torch.empty(self.out_per_rank)), self._load) if bias else None
+        self.gemm = GemmPlan()  # cuBLAS until attach_gemm_plan hands over the measured plan
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
         rows = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
-            return F.linear(x, self.weight, self.bias)
-        if self.bias is None:  # into a caller's buffer: the same GEMM, no copy
-            return torch.mm(x, self.weight.t(), out=out)
-        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+        """x W^T (+ b), into ``out`` (a caller's buffer: the same GEMM, no copy) when given."""
+        return self.gemm.linear(x, self.weight, self.bias, out)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -152,6 +152,7 @@ class RowParallelLinear(nn.Module):
         self.in_per_rank = _divide(in_features, tp.size, "input size")
         self.weight = _set_loader(nn.Parameter(torch.empty(out_features, self.in_per_rank)), self._load)
         self.bias = _set_loader(nn.Parameter(torch.empty(out_features)), self._load_bias) if bias else None
+        self.gemm = GemmPlan()
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
         cols = param.shape[1]
@@ -161,8 +162,25 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(self.gemm.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
+
+
+def linear_weights(model: nn.Module) -> dict[tuple[int, int], list[torch.Tensor]]:
+    """Every column- and row-parallel weight of the model, grouped by shape (out, in): what the
+    GEMM tuning measures."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            groups.setdefault(tuple(module.weight.shape), []).append(module.weight)
+    return groups
+
+
+def attach_gemm_plan(model: nn.Module, plan: GemmPlan) -> None:
+    """Let every column- and row-parallel linear of the model run the GEMMs ``plan`` chose."""
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            module.gemm = plan
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,0 +1,199 @@
+"""Which GEMM runs each projection: cuBLAS, cuBLASLt or the Triton skinny GEMM, chosen by timing
+them on the model's own weights at start-up.
+
+No single implementation wins every decode-sized shape (kernels_bench --only linear_sweep,
+kernels_linear_sweep_h200_*.json): on an H200 the Triton GEMM reads llama3-8b's qkv and o_proj
+8-10 % faster than cuBLAS at 1-16 rows, cuBLASLt's kernels read down_proj 6-10 % faster at 32-64
+rows and 7 % slower at 16, and cuBLAS is best from ~128 rows. A fixed table would be right for one
+GPU and one model only, so the engine measures: for every weight shape and every decode batch size
+it will capture, each candidate runs over all the layers' weights (as a decode step reads them,
+none of them in L2), and the fastest wins when it beats cuBLAS by ``MIN_GAIN``. Shapes that were
+not measured (prefills, mixed steps) use cuBLAS.
+
+A choice is baked into a CUDA graph at capture; in eager steps the same lookup runs per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kernels.reference import linear_ref
+
+logger = logging.getLogger(__name__)
+
+CUBLAS = "cublas"
+CUBLASLT = "cublaslt"
+TRITON = "triton"
+# Below this the difference is within run-to-run noise of the measurement: keep cuBLAS.
+MIN_GAIN = 0.03
+_TIMED_PASSES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class GemmChoice:
+    backend: str = CUBLAS
+    config: Any = None  # kernels.triton.linear.LinearConfig when backend is TRITON
+
+    def run(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.backend == TRITON:
+            from kernels.triton.linear import skinny_linear_launch  # CUDA only
+
+            return skinny_linear_launch(x, weight, bias, out, self.config)
+        if self.backend == CUBLASLT:
+            # torch reads the preference when it dispatches the GEMM; restoring it at once keeps
+            # the setting local to this call.
+            previous = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library(CUBLASLT)
+            try:
+                return linear_ref(x, weight, bias, out)
+            finally:
+                torch.backends.cuda.preferred_blas_library(previous)
+        return linear_ref(x, weight, bias, out)
+
+    def describe(self) -> str:
+        if self.config is None:
+            return self.backend
+        c = self.config
+        return (
+            f"{self.backend}({c.block_m}x{c.block_n}x{c.block_k}, split {c.split_k}, {c.num_stages} stages)"
+        )
+
+
+_DEFAULT = GemmChoice()
+
+
+@dataclass(slots=True)
+class GemmPlan:
+    """The measured choice per (rows, out_features, in_features); cuBLAS for every other shape."""
+
+    choices: dict[tuple[int, int, int], GemmChoice] = field(default_factory=dict)
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``F.linear(x, weight, bias)``, into ``out`` when given."""
+        if not self.choices or x.dim() != 2 or x.stride(1) != 1 or (out is not None and out.stride(1) != 1):
+            return linear_ref(x, weight, bias, out)
+        choice = self.choices.get((x.shape[0], weight.shape[0], weight.shape[1]), _DEFAULT)
+        return choice.run(x, weight, bias, out)
+
+    def summary(self) -> str:
+        counts = Counter(choice.backend for choice in self.choices.values())
+        return ", ".join(f"{backend} {n}" for backend, n in sorted(counts.items())) or "nothing tuned"
+
+
+def time_passes(calls: Sequence[Callable[[], Any]], passes: int = _TIMED_PASSES) -> float:
+    """Median seconds of one pass over ``calls`` (CUDA events, after a warm-up pass), per call."""
+    for call in calls:
+        call()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(passes)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(passes)]
+    for start, end in zip(starts, ends):
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3 / len(calls)
+
+
+def choose(
+    candidates: Sequence[GemmChoice],
+    measure: Callable[[GemmChoice], float],
+    min_gain: float = MIN_GAIN,
+) -> tuple[GemmChoice, dict[str, float]]:
+    """The fastest candidate if it beats the first (cuBLAS) by ``min_gain``, else the first; with
+    every candidate's time. A candidate whose launch fails (e.g. out of shared memory) is skipped."""
+    timings: dict[str, float] = {}
+    baseline = measure(candidates[0])
+    timings[candidates[0].describe()] = baseline
+    best, best_time = candidates[0], baseline
+    for candidate in candidates[1:]:
+        try:
+            seconds = measure(candidate)
+        except RuntimeError as exc:  # triton's OutOfResources is a RuntimeError too
+            logger.debug("GEMM candidate %s failed: %s", candidate.describe(), exc)
+            continue
+        timings[candidate.describe()] = seconds
+        if seconds < best_time:
+            best, best_time = candidate, seconds
+    if best_time > baseline * (1 - min_gain):
+        best = candidates[0]
+    return best, timings
+
+
+def _time_choice(candidate: GemmChoice, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
+    return time_passes([functools.partial(candidate.run, x, w, None, None) for w in weights])
+
+
+def _past_l2(weights: list[torch.Tensor], min_bytes: int = 256 * 2**20) -> list[torch.Tensor]:
+    """The weights, repeated as copies until one pass reads ``min_bytes``: a small model's layers
+    would otherwise sit in L2 (50 MB on an H100/H200) while the pass is timed, which they do not
+    in a decode step, where every other weight is read in between."""
+    per_pass = sum(w.numel() * w.element_size() for w in weights)
+    copies = max(0, -(-min_bytes // per_pass) - 1)
+    return weights + [w.clone() for _ in range(copies) for w in weights]
+
+
+def _agrees(choice: GemmChoice, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    expected = linear_ref(x, weight).float()
+    got = choice.run(x, weight, None, None).float()
+    return bool(torch.allclose(got, expected, atol=5e-2, rtol=5e-2))
+
+
+def tune_gemm_plan(
+    weights_by_shape: dict[tuple[int, int], list[torch.Tensor]],
+    sizes: Sequence[int],
+    compile_threads: int,
+) -> GemmPlan:
+    """Measure cuBLAS, cuBLASLt and the Triton GEMM's candidate tiles for each weight shape at each
+    row count in ``sizes``, over all the weights of that shape; the plan keeps the winners."""
+    from kernels.triton.launch import num_sms, parallel_compile
+    from kernels.triton.linear import candidate_configs
+
+    plan = GemmPlan()
+    for (out_features, in_features), layer_weights in weights_by_shape.items():
+        weight = layer_weights[0]
+        weights = _past_l2(layer_weights)
+        sms = num_sms(weight.device)
+        for rows in sizes:
+            x = torch.randn(rows, in_features, dtype=weight.dtype, device=weight.device)
+            candidates = [GemmChoice(CUBLAS), GemmChoice(CUBLASLT)]
+            candidates += [
+                GemmChoice(TRITON, c) for c in candidate_configs(rows, out_features, in_features, sms)
+            ]
+            if len(candidates) > 2:
+                with parallel_compile(compile_threads):  # every tile's compile at once
+                    for candidate in candidates[2:]:
+                        candidate.run(x, weight, None, None)
+            best, timings = choose(candidates, functools.partial(_time_choice, x=x, weights=weights))
+            if best.backend == TRITON and not _agrees(best, x, weight):
+                logger.warning(
+                    "GEMM %s disagrees with cuBLAS at %s rows; keeping cuBLAS", best.describe(), rows
+                )
+                best = _DEFAULT
+            logger.debug(
+                "GEMM %d x %d at %d rows: %s -> %s",
+                out_features,
+                in_features,
+                rows,
+                {k: round(v * 1e6, 1) for k, v in timings.items()},
+                best.describe(),
+            )
+            if best.backend != CUBLAS:
+                plan.choices[(rows, out_features, in_features)] = best
+    return plan
