@@ -96,16 +96,27 @@ class GemmPlan:
         return ", ".join(f"{backend} {n}" for backend, n in sorted(counts.items())) or "nothing tuned"
 
 
-def time_passes(calls: Sequence[Callable[[], Any]], passes: int = _TIMED_PASSES) -> float:
-    """Median seconds of one pass over ``calls`` (CUDA events, after a warm-up pass), per call."""
-    for call in calls:
-        call()
+def time_passes(calls: Sequence[Callable[[], Any]], pool: Any = None, passes: int = _TIMED_PASSES) -> float:
+    """Median seconds per call of one pass over ``calls``, replayed from a CUDA graph as a decode
+    step runs them: timed eagerly, a Triton launch's ~20 us of Python would starve the GPU and
+    lose to cuBLAS for that reason alone. CUDA events; a warm-up run before the capture and a
+    replay before the timing."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        for call in calls:
+            call()
+    graph.replay()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(passes)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(passes)]
     for start, end in zip(starts, ends):
         start.record()
-        for call in calls:
-            call()
+        graph.replay()
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3 / len(calls)
@@ -136,8 +147,8 @@ def choose(
     return best, timings
 
 
-def _time_choice(candidate: GemmChoice, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
-    return time_passes([functools.partial(candidate.run, x, w, None, None) for w in weights])
+def _time_choice(candidate: GemmChoice, x: torch.Tensor, weights: list[torch.Tensor], pool: Any) -> float:
+    return time_passes([functools.partial(candidate.run, x, w, None, None) for w in weights], pool)
 
 
 def _past_l2(weights: list[torch.Tensor], min_bytes: int = 256 * 2**20) -> list[torch.Tensor]:
@@ -166,6 +177,7 @@ def tune_gemm_plan(
     from kernels.triton.linear import candidate_configs
 
     plan = GemmPlan()
+    pool = torch.cuda.graph_pool_handle()  # one memory pool for every timing graph
     for (out_features, in_features), layer_weights in weights_by_shape.items():
         weight = layer_weights[0]
         weights = _past_l2(layer_weights)
@@ -180,7 +192,9 @@ def tune_gemm_plan(
                 with parallel_compile(compile_threads):  # every tile's compile at once
                     for candidate in candidates[2:]:
                         candidate.run(x, weight, None, None)
-            best, timings = choose(candidates, functools.partial(_time_choice, x=x, weights=weights))
+            best, timings = choose(
+                candidates, functools.partial(_time_choice, x=x, weights=weights, pool=pool)
+            )
             if best.backend == TRITON and not _agrees(best, x, weight):
                 logger.warning(
                     "GEMM %s disagrees with cuBLAS at %s rows; keeping cuBLAS", best.describe(), rows
