@@ -32,9 +32,10 @@ def torch_dtype(name: str) -> torch.dtype:
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 # Left free for the CUDA-graph memory pool, which is filled after the KV cache is allocated.
 CUDA_GRAPH_RESERVE_BYTES = 512 << 20
-# GEMMs of more rows than this are compute-bound, where cuBLAS's tiles won every shape measured:
-# they are not tuned.
-GEMM_TUNING_MAX_ROWS = 256
+# GEMMs of more rows than this are not tuned: from ~128 rows they turn compute-bound, the two
+# cuBLAS paths mostly differ by less than the 3 % margin, and their timings swung by 10-20 %
+# from one batch size to the next (llama3-8b on an H200), too noisy to choose by.
+GEMM_TUNING_MAX_ROWS = 128
 
 
 class Worker:
