@@ -151,7 +151,7 @@ def _time_choice(candidate: GemmChoice, x: torch.Tensor, weights: list[torch.Ten
     return time_passes([functools.partial(candidate.run, x, w, None, None) for w in weights], pool)
 
 
-def _past_l2(weights: list[torch.Tensor], min_bytes: int = 256 * 2**20) -> list[torch.Tensor]:
+def _past_l2(weights: list[torch.Tensor], min_bytes: int = 128 * 2**20) -> list[torch.Tensor]:
     """The weights, repeated as copies until one pass reads ``min_bytes``: a small model's layers
     would otherwise sit in L2 (50 MB on an H100/H200) while the pass is timed, which they do not
     in a decode step, where every other weight is read in between."""
