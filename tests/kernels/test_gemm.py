@@ -86,6 +86,12 @@ def test_past_l2_repeats_small_weights_until_a_pass_misses_the_cache() -> None:
     assert gemm._past_l2(big, min_bytes=1 << 20) == big
 
 
+def test_small_weights_are_not_tuned() -> None:
+    # Runs on CPU: nothing is timed (no CUDA call) when every weight is under the threshold.
+    weights = {(576, 576): [torch.zeros(576, 576, dtype=torch.bfloat16)] * 30}
+    assert gemm.tune_gemm_plan(weights, [1, 8, 64], compile_threads=1).choices == {}
+
+
 def test_attach_gemm_plan_reaches_every_projection() -> None:
     tp = TPGroup()
     model = torch.nn.Sequential(
