@@ -10,7 +10,8 @@ Reports, per preset (llama3-8b, smollm2-135m by default):
 * rms_norm, fused_add_rms_norm, rope_write_kv, silu_and_mul: bandwidth and fraction of copy;
 * with --only decode_sweep: the decode tile heuristic against every tile / warps / stages choice
   at serving-sized llama3-8b batches; with --only linear: the model's projections (cuBLAS) at
-  decode batch sizes.
+  decode batch sizes; with --only linear_sweep: cuBLAS, cuBLASLt and every Triton skinny-GEMM tile
+  on those projections at 1-256 rows.
 
 Method: --layers calls, each on its own buffers, are captured in one CUDA graph (as a decode step
 runs its layers; it also proves the ops capture) and replayed; L2 is flushed by overwriting a large
@@ -298,18 +299,41 @@ def bench_decode_sweep(
 LINEAR_TOKENS = (1, 16, 32, 64, 96, 128, 192, 256)
 
 
-def bench_linear(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, quick: bool) -> list[dict]:
-    """The model's projections (``F.linear``, cuBLAS) at decode batch sizes: weight bandwidth and
-    TFLOP/s, to see where the GEMMs leave the bandwidth bound."""
-    import torch.nn.functional as F
-
+def projection_shapes(shapes: Shapes) -> dict[str, tuple[int, int]]:
+    """The decoder layer's projections as (in_features, out_features)."""
     hq, hkv, d = shapes.num_heads, shapes.num_kv_heads, shapes.head_dim
-    projections = {
+    return {
         "qkv_proj": (shapes.hidden, (hq + 2 * hkv) * d),
         "o_proj": (hq * d, shapes.hidden),
         "gate_up_proj": (shapes.hidden, 2 * shapes.intermediate),
         "down_proj": (shapes.intermediate, shapes.hidden),
     }
+
+
+def linear_row(
+    kernel: str, preset: str, projection: str, m: int, k: int, n: int, us: float, copy_gbps: float
+) -> dict:
+    """A GEMM's result row: bytes of weight, input and output over the time."""
+    gbps = 2 * (n * k + m * k + m * n) / us / 1e3
+    return {
+        "kernel": kernel,
+        "preset": preset,
+        "projection": projection,
+        "tokens": m,
+        "in_features": k,
+        "out_features": n,
+        "median_us": us,
+        "GBps": gbps,
+        "fraction_of_copy": gbps / copy_gbps,
+    }
+
+
+def bench_linear(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, quick: bool) -> list[dict]:
+    """The model's projections (``F.linear``, cuBLAS) at decode batch sizes: weight bandwidth and
+    TFLOP/s, to see where the GEMMs leave the bandwidth bound."""
+    import torch.nn.functional as F
+
+    projections = projection_shapes(shapes)
     rows = []
     for m in LINEAR_TOKENS[::3] if quick else LINEAR_TOKENS:
         for name, (k, n) in projections.items():
@@ -319,21 +343,8 @@ def bench_linear(shapes: Shapes, timer: Timer, copy_gbps: float, layers: int, qu
                 w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
                 calls.append(functools.partial(F.linear, x, w))
             us = timer(calls)
-            nbytes = 2 * (n * k + m * k + m * n)
-            rows.append(
-                {
-                    "kernel": "linear",
-                    "preset": shapes.name,
-                    "projection": name,
-                    "tokens": m,
-                    "in_features": k,
-                    "out_features": n,
-                    "median_us": us,
-                    "GBps": nbytes / us / 1e3,
-                    "fraction_of_copy": nbytes / us / 1e3 / copy_gbps,
-                    "TFLOPs_achieved": 2 * m * n * k / us / 1e6,
-                }
-            )
+            row = linear_row("linear", shapes.name, name, m, k, n, us, copy_gbps)
+            rows.append({**row, "TFLOPs_achieved": 2 * m * n * k / us / 1e6})
             del calls
     return rows
 
@@ -382,13 +393,7 @@ def bench_linear_sweep(
     from kernels.triton import linear as skinny
     from kernels.triton.launch import parallel_compile
 
-    hq, hkv, d = shapes.num_heads, shapes.num_kv_heads, shapes.head_dim
-    projections = {
-        "qkv_proj": (shapes.hidden, (hq + 2 * hkv) * d),
-        "o_proj": (hq * d, shapes.hidden),
-        "gate_up_proj": (shapes.hidden, 2 * shapes.intermediate),
-        "down_proj": (shapes.intermediate, shapes.hidden),
-    }
+    projections = projection_shapes(shapes)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     default_blas = torch.backends.cuda.preferred_blas_library()
     rows = []
@@ -422,7 +427,6 @@ def bench_linear_sweep(
                 )
                 for c in configs
             ]
-            nbytes = 2 * (n * k + m * k + m * n)
             for label, config, calls in variants:
                 try:
                     if config is not None:  # a wrong tile choice must not enter the table
@@ -431,36 +435,17 @@ def bench_linear_sweep(
                     us = timer(calls)
                 except OutOfResources:
                     continue
-                rows.append(
-                    {
-                        "kernel": "linear_sweep",
-                        "preset": shapes.name,
-                        "projection": name,
-                        "variant": label,
-                        "config": None if config is None else dataclasses.asdict(config),
-                        "tokens": m,
-                        "in_features": k,
-                        "out_features": n,
-                        "median_us": us,
-                        "GBps": nbytes / us / 1e3,
-                        "fraction_of_copy": nbytes / us / 1e3 / copy_gbps,
-                    }
-                )
+                config_fields = None if config is None else dataclasses.asdict(config)
+                row = linear_row("linear_sweep", shapes.name, name, m, k, n, us, copy_gbps)
+                rows.append({**row, "variant": label, "config": config_fields})
                 if label == "cublas":  # the same calls with cuBLASLt preferred
                     torch.backends.cuda.preferred_blas_library("cublaslt")
                     try:
                         us = timer(calls)
                     finally:
                         torch.backends.cuda.preferred_blas_library(default_blas)
-                    rows.append(
-                        {
-                            **rows[-1],
-                            "variant": "cublaslt",
-                            "median_us": us,
-                            "GBps": nbytes / us / 1e3,
-                            "fraction_of_copy": nbytes / us / 1e3 / copy_gbps,
-                        }
-                    )
+                    row = linear_row("linear_sweep", shapes.name, name, m, k, n, us, copy_gbps)
+                    rows.append({**row, "variant": "cublaslt", "config": None})
             best: dict[str, dict] = {}
             for r in rows:
                 same_shape = r["projection"] == name and r["tokens"] == m and r["preset"] == shapes.name
