@@ -104,12 +104,17 @@ class GemmPlan:
         return ", ".join(f"{backend} {n}" for backend, n in sorted(counts.items())) or "nothing tuned"
 
 
-def time_passes(calls: Sequence[Callable[[], Any]], pool: Any = None, passes: int = _TIMED_PASSES) -> float:
+def time_passes(
+    calls: Sequence[Callable[[], Any]],
+    pool: Any = None,
+    stream: torch.cuda.Stream | None = None,
+    passes: int = _TIMED_PASSES,
+) -> float:
     """Median seconds per call of one pass over ``calls``, replayed from a CUDA graph as a decode
     step runs them: timed eagerly, a Triton launch's ~20 us of Python would starve the GPU and
     lose to cuBLAS for that reason alone. CUDA events; a warm-up run before the capture and a
     replay before the timing."""
-    stream = torch.cuda.Stream()
+    stream = stream or torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for call in calls:
@@ -155,8 +160,10 @@ def choose(
     return best, timings
 
 
-def _time_choice(candidate: GemmChoice, x: torch.Tensor, weights: list[torch.Tensor], pool: Any) -> float:
-    return time_passes([functools.partial(candidate.run, x, w, None, None) for w in weights], pool)
+def _time_choice(
+    candidate: GemmChoice, x: torch.Tensor, weights: list[torch.Tensor], pool: Any, stream: torch.cuda.Stream
+) -> float:
+    return time_passes([functools.partial(candidate.run, x, w, None, None) for w in weights], pool, stream)
 
 
 def _past_l2(weights: list[torch.Tensor], min_bytes: int = 128 * 2**20) -> list[torch.Tensor]:
@@ -194,6 +201,10 @@ def tune_gemm_plan(
     from kernels.triton.linear import candidate_configs
 
     pool = torch.cuda.graph_pool_handle()  # one memory pool for every timing graph
+    # and one capture stream: torch keeps a cuBLAS workspace (32 MiB on Hopper) per stream for the
+    # life of the process, and a new stream per timing (torch cycles through 32) is the likely
+    # reason the 8B's KV cache came out 9k tokens (~1.1 GB) smaller after the tuning.
+    stream = torch.cuda.Stream()
     for (out_features, in_features), layer_weights in tunable.items():
         weight = layer_weights[0]
         weights = _past_l2(layer_weights)
@@ -209,7 +220,7 @@ def tune_gemm_plan(
                     for candidate in candidates[2:]:
                         candidate.run(x, weight, None, None)
             best, timings = choose(
-                candidates, functools.partial(_time_choice, x=x, weights=weights, pool=pool)
+                candidates, functools.partial(_time_choice, x=x, weights=weights, pool=pool, stream=stream)
             )
             if best.backend == TRITON and not _agrees(best, x, weight):
                 logger.warning(
