@@ -2,13 +2,14 @@
 them on the model's own weights at start-up.
 
 No single implementation wins every decode-sized shape (kernels_bench --only linear_sweep,
-kernels_linear_sweep_h200_*.json): on an H200 the Triton GEMM reads llama3-8b's qkv and o_proj
-8-10 % faster than cuBLAS at 1-16 rows, cuBLASLt's kernels read down_proj 6-10 % faster at 32-64
-rows and 7 % slower at 16, and cuBLAS is best from ~128 rows. A fixed table would be right for one
-GPU and one model only, so the engine measures: for every weight shape and every decode batch size
-it will capture, each candidate runs over all the layers' weights (as a decode step reads them,
-none of them in L2), and the fastest wins when it beats cuBLAS by ``MIN_GAIN``. Shapes that were
-not measured (prefills, mixed steps) use cuBLAS.
+kernels_linear_sweep_llama3-8b_h200_80f315d.json): on an H200 the Triton GEMM reads llama3-8b's
+qkv and o_proj 8-10 % faster than cuBLAS at 1-16 rows, cuBLASLt's kernels read down_proj 6-10 %
+faster at 32-64 rows and 7 % slower at 16, and cuBLAS is best from ~128 rows. A fixed table would
+be right for one GPU and one model only, so the engine measures: for every weight shape of at
+least MIN_TUNED_WEIGHT_BYTES and every captured decode batch size the worker asks for (up to 128
+rows), each candidate runs over all the layers' weights from a CUDA graph (as a decode step reads
+them, none of them in L2), and the fastest wins when it beats cuBLAS by ``MIN_GAIN``. Shapes that
+were not measured (prefills, mixed steps) use cuBLAS.
 
 A choice is baked into a CUDA graph at capture; in eager steps the same lookup runs per call.
 """

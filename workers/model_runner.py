@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 MAX_COMPILE_THREADS = 8
 
 
+def compile_threads() -> int:
+    """Threads for start-up Triton compiles: the usable CPUs, at most MAX_COMPILE_THREADS."""
+    return max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
+
+
 @dataclass(frozen=True, slots=True)
 class ModelWarmup:
     """What ModelRunner.warmup did: how many step shapes, on how many compile threads, how long."""
@@ -216,7 +221,7 @@ class ModelRunner:
 
         eager = [(72, 8), (512, 1), (3, 3)]
         shapes = eager + [(n, n) for n in capture_sizes(len(self.batch.num_tokens))]
-        threads = max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
+        threads = compile_threads()
         start = time.perf_counter()
         with parallel_compile(threads):
             for num_tokens, num_seqs in shapes:

@@ -7,7 +7,6 @@ schedules nothing.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -15,7 +14,7 @@ import torch
 from ipc.config import EngineConfig
 from ipc.messages import ModelRunnerOutput, SchedulerOutput
 from kernels.gemm import MIN_GAIN, MIN_TUNED_WEIGHT_BYTES, tune_gemm_plan
-from workers.model_runner import MAX_COMPILE_THREADS, ModelRunner, PendingStep, capture_sizes
+from workers.model_runner import ModelRunner, PendingStep, capture_sizes, compile_threads
 from workers.models.layers import TPGroup, attach_gemm_plan, linear_weights
 from workers.models.registry import build_model, load_model_weights
 
@@ -89,9 +88,8 @@ class Worker:
         size that gets a CUDA graph, and let the linears run the winners (kernels/gemm.py)."""
         start = time.perf_counter()
         sizes = [s for s in capture_sizes(self.config.scheduler.max_num_seqs) if s <= GEMM_TUNING_MAX_ROWS]
-        threads = max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
         with torch.inference_mode():
-            plan = tune_gemm_plan(linear_weights(self.model), sizes, threads)
+            plan = tune_gemm_plan(linear_weights(self.model), sizes, compile_threads())
         if plan.choices:  # otherwise the linears keep their empty plan: cuBLAS
             attach_gemm_plan(self.model, plan)
         logger.info(

@@ -28,7 +28,7 @@ _SHARED_MEMORY_BYTES = 200 * 1024  # Hopper has 227 KB per block; leave room for
 # Beyond this many rows the GEMM turns compute-bound and cuBLAS's tiles win every shape measured.
 MAX_ROWS = 64
 # (block_n, block_k, split_k, num_stages): the tiles that won at least one llama3-8b projection at
-# 1-64 rows in the H200 sweep (kernels_linear_sweep_h200_*.json); the start-up tuning
+# 1-64 rows in the H200 sweep (kernels_linear_sweep_llama3-8b_h200_80f315d.json); the start-up tuning
 # (kernels/gemm.py) times each that fits a shape against cuBLAS.
 _CANDIDATE_TILES = (
     (32, 256, 1, 5),

@@ -7,7 +7,7 @@ With ``tp.size == 1`` every layer is a plain linear / embedding and no collectiv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,21 +166,23 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+def _projections(model: nn.Module) -> Iterator[ColumnParallelLinear | RowParallelLinear]:
+    return (m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear))
+
+
 def linear_weights(model: nn.Module) -> dict[tuple[int, int], list[torch.Tensor]]:
     """Every column- and row-parallel weight of the model, grouped by shape (out, in): what the
     GEMM tuning measures."""
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for module in model.modules():
-        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
-            groups.setdefault(tuple(module.weight.shape), []).append(module.weight)
+    for module in _projections(model):
+        groups.setdefault(tuple(module.weight.shape), []).append(module.weight)
     return groups
 
 
 def attach_gemm_plan(model: nn.Module, plan: GemmPlan) -> None:
     """Let every column- and row-parallel linear of the model run the GEMMs ``plan`` chose."""
-    for module in model.modules():
-        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
-            module.gemm = plan
+    for module in _projections(model):
+        module.gemm = plan
 
 
 class VocabParallelEmbedding(nn.Module):
