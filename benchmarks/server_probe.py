@@ -81,8 +81,10 @@ def _label(cmdline: str) -> str:
         return "frontend"
     if "resource_tracker" in cmdline:
         return "resource_tracker"
-    if "spawn_main" in cmdline:
-        return "child"  # engine core or worker: told apart by their pids (order of start)
+    if "pagedserve-engine-core" in cmdline:
+        return "engine core"
+    if "pagedserve-worker-" in cmdline:
+        return "worker " + cmdline.rsplit("pagedserve-worker-", 1)[1].split(" ", 1)[0]
     return cmdline.split(" ", 1)[0].rsplit("/", 1)[-1] or "?"
 
 

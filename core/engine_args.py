@@ -211,3 +211,9 @@ class EngineArgs:
 
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(slots=True)
+class AsyncEngineArgs(EngineArgs):
+    """The engine arguments of ``AsyncLLM.from_engine_args``: the same fields as EngineArgs, under
+    the name vLLM's asyncio users import."""

@@ -256,7 +256,7 @@ class EngineCoreProc:
 def run_engine_core(
     config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int, log_level: int = logging.INFO
 ) -> None:
-    """Entry point of the engine-core process (multiprocessing 'spawn' target); ``parent_pid`` is
+    """Entry point of the engine-core process (started by ipc.process.start_process); ``parent_pid`` is
     the client's pid, passed in because a parent that died before ``_die_with_parent`` ran sends no
     signal, and ``os.getppid()`` read here would already name the process that adopted us."""
     logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s [engine] %(name)s: %(message)s")

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
 import signal
 import threading
@@ -30,8 +29,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import Connection, Pipe, wait
 from typing import Any
 
 import msgspec
@@ -39,6 +37,7 @@ import msgspec
 from core.errors import EngineDeadError, WorkerDiedError
 from ipc.config import EngineConfig
 from ipc.messages import Handshake, ModelRunnerOutput, SchedulerOutput, UtilityCall, UtilityResult
+from ipc.process import ChildProcess, start_process
 from ipc.serialization import Decoder, Encoder, WireError, check_wire_version
 from ipc.shm_ring import RingClosed, RingHandle, ShmRingReader, ShmRingWriter
 from ipc.zmq_utils import IpcDir
@@ -49,7 +48,6 @@ from workers.worker_proc import (
     check_parallel_config,
     remove_ring_files,
     ring_spin_s,
-    worker_main,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ class WorkerStartupError(RuntimeError):
 @dataclass(slots=True)
 class _Worker:
     rank: int
-    proc: BaseProcess
+    proc: ChildProcess
     pid: int
     conn: Connection
     reply: ShmRingReader | None = None
@@ -187,11 +185,10 @@ class MultiprocExecutor:
     # ------------------------------------------------------------------ startup
 
     def _start_workers(self, worker_cls: type | None, timeout_s: float) -> None:
-        context = multiprocessing.get_context("spawn")
         init_method = "file://" + os.path.join(self._ipc_dir.path, "dist-rendezvous")
         log_level = logging.getLogger().getEffectiveLevel()
         for rank in range(self.world_size):
-            parent_conn, child_conn = context.Pipe(duplex=True)
+            parent_conn, child_conn = Pipe(duplex=True)
             args = WorkerProcArgs(
                 config=self.config,
                 rank=rank,
@@ -199,21 +196,22 @@ class MultiprocExecutor:
                 world_size=self.world_size,
                 dist_init_method=init_method,
                 broadcast=self._ring.handle,
-                conn=child_conn,
+                conn_fd=child_conn.fileno(),
                 parent_pid=os.getpid(),
                 worker_cls=worker_cls,
                 log_level=log_level,
             )
-            # daemon: if this process exits without shutdown(), multiprocessing's exit handler
-            # SIGTERMs the workers instead of joining them (which would wait forever).
-            proc = context.Process(
-                target=worker_main, args=(args,), name=f"pagedserve-worker-{rank}", daemon=True
-            )
             try:
-                proc.start()
+                proc = start_process(
+                    f"pagedserve-worker-{rank}",
+                    "workers.worker_proc",
+                    "worker_main",
+                    (args,),
+                    pass_fds=(child_conn.fileno(),),
+                )
             finally:
                 child_conn.close()  # the child has its copy; ours would hide its EOF
-            self._workers.append(_Worker(rank, proc, proc.pid or 0, parent_conn))
+            self._workers.append(_Worker(rank, proc, proc.pid, parent_conn))
         self._wait_ready(time.monotonic() + timeout_s, timeout_s)
         self._ring.wait_for_readers(timeout=max(1.0, timeout_s))
 

@@ -79,7 +79,24 @@ class RequestOutputCollector:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig) -> None:
+    """The asyncio engine client: ``AsyncLLM(model=..., **engine_args)`` (keywords as LLM's) or
+    ``AsyncLLM.from_engine_args(AsyncEngineArgs(model=...))``. The engine core starts in its own
+    process at construction; call ``shutdown()`` (or use ``async with``) when done."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_kwargs: Any) -> None:
+        self._start(EngineArgs.from_kwargs(model=model, **engine_kwargs).create_engine_config())
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
+        return cls.from_config(args.create_engine_config())
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLM:
+        llm = cls.__new__(cls)
+        llm._start(config)
+        return llm
+
+    def _start(self, config: EngineConfig) -> None:
         self.config = config
         self._collectors: dict[str, RequestOutputCollector] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,14 +116,6 @@ class AsyncLLM:
         except BaseException:
             self.client.shutdown()
             raise
-
-    @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
-        return cls(args.create_engine_config())
-
-    @classmethod
-    def create(cls, model: str = DEFAULT_MODEL, **engine_kwargs: Any) -> AsyncLLM:
-        return cls.from_engine_args(EngineArgs.from_kwargs(model=model, **engine_kwargs))
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -224,6 +233,12 @@ class AsyncLLM:
                     finished=True,
                 )
             )
+
+    async def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (``apply_chat_template`` gives a chat prompt's token ids)."""
+        if self.tokenizer is None:
+            raise ValueError("this engine was started with skip_tokenizer_init: it has no tokenizer")
+        return self.tokenizer
 
     async def reset_prefix_cache(self) -> bool:
         return bool(await asyncio.wrap_future(self.client.call_utility("reset_prefix_cache")))

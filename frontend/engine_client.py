@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
 import threading
 import time
@@ -21,7 +21,6 @@ from typing import Any
 
 import zmq
 
-from core.engine_core_proc import run_engine_core
 from core.errors import EngineDeadError
 from ipc.config import EngineConfig
 from ipc.messages import (
@@ -32,6 +31,7 @@ from ipc.messages import (
     UtilityCall,
     UtilityResult,
 )
+from ipc.process import start_process
 from ipc.serialization import Decoder, Encoder
 from ipc.zmq_utils import IpcDir, RequestType, make_socket, recv_message, send_message
 
@@ -76,15 +76,13 @@ class EngineCoreClient:
         self._pending_calls: dict[int, concurrent.futures.Future[Any]] = {}
         self._closing = threading.Event()
         self.dead_reason: str | None = None
-        mp = multiprocessing.get_context("spawn")
-        self._proc = mp.Process(
-            target=run_engine_core,
-            args=(config, input_addr, output_addr, os.getpid(), logging.getLogger().getEffectiveLevel()),
-            name="pagedserve-engine-core",
-            daemon=False,
+        self._proc = start_process(
+            "pagedserve-engine-core",
+            "core.engine_core_proc",
+            "run_engine_core",
+            (config, input_addr, output_addr, os.getpid(), logging.getLogger().getEffectiveLevel()),
         )
-        self._proc.start()
-        logger.info("engine core process %d spawned", self._proc.pid)
+        logger.info("engine core process %d started", self._proc.pid)
         self.info: dict[str, Any] = {}
         if wait:
             self.wait_until_ready()
@@ -225,6 +223,8 @@ class EngineCoreClient:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
+        with contextlib.suppress(ValueError):  # still alive after SIGKILL: keep its sentinel
+            self._proc.close()
 
     def _close_sockets(self) -> None:
         self._input.close(linger=0)

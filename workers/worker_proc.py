@@ -137,7 +137,7 @@ def remove_ring_files(handle: RingHandle) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class WorkerProcArgs:
-    """Everything a worker process starts from (pickled once by multiprocessing 'spawn')."""
+    """Everything a worker process starts from (pickled once, by ipc.process.start_process)."""
 
     config: EngineConfig
     rank: int
@@ -145,7 +145,7 @@ class WorkerProcArgs:
     world_size: int
     dist_init_method: str  # torch.distributed rendezvous (file:// or tcp://), chosen by the executor
     broadcast: RingHandle  # the executor's broadcast ring
-    conn: Connection  # startup reports out; EOF means the executor's process is gone
+    conn_fd: int  # a Connection's fd: startup reports out; EOF means the executor's process is gone
     parent_pid: int
     worker_cls: type | None = None  # workers.worker.Worker unless a test or benchmark swaps it
     log_level: int = logging.WARNING
@@ -160,6 +160,7 @@ class _Stop(BaseException):
 class WorkerProc:
     def __init__(self, args: WorkerProcArgs) -> None:
         self.args = args
+        self.conn = Connection(args.conn_fd)
         self.rank = args.rank
         self.worker: Any = None
         self.ring: ShmRingReader | None = None
@@ -368,7 +369,7 @@ class WorkerProc:
         if len(frames) != 1:
             raise WireError("startup messages must not carry arrays")
         try:
-            self.args.conn.send_bytes(kind.frame + bytes(frames[0]))
+            self.conn.send_bytes(kind.frame + bytes(frames[0]))
         except OSError:
             logger.warning("worker rank %d: the executor is gone; could not report %s", self.rank, kind.name)
 
@@ -397,7 +398,7 @@ class WorkerProc:
 
     def _watch_parent(self) -> None:
         """Exit when the executor's process dies, wherever the main thread is blocked."""
-        conn, parent_pid = self.args.conn, self.args.parent_pid
+        conn, parent_pid = self.conn, self.args.parent_pid
         while not self._exiting.is_set():
             try:
                 if conn.poll(_PARENT_POLL_S):
@@ -422,7 +423,7 @@ class WorkerProc:
 
 
 def worker_main(args: WorkerProcArgs) -> None:
-    """The process entry point (multiprocessing 'spawn' target); exits with the loop's code."""
+    """The process entry point (started by ipc.process.start_process); exits with the loop's code."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(

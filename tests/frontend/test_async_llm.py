@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_llm(path: Path, **kwargs) -> AsyncLLM:
     settings = dict(skip_tokenizer_init=True, max_model_len=256, num_gpu_blocks_override=512, block_size=8)
-    return AsyncLLM.create(str(path), **{**settings, **kwargs})
+    return AsyncLLM(str(path), **{**settings, **kwargs})
 
 
 # Long enough that nothing finishes before the kill.

@@ -140,7 +140,9 @@ def _stream_forever(server: ServerProcess) -> None:
 def _engine_death_is_503(server: ServerProcess) -> None:
     """Kill the engine core under a live stream: the stream ends with an error event and [DONE],
     /health and new requests answer 503, and nothing hangs."""
-    (engine_pid,) = [pid for pid in descendants(server.proc.pid) if b"spawn_main" in _cmdline(pid)]
+    (engine_pid,) = [
+        pid for pid in descendants(server.proc.pid) if b"pagedserve-engine-core" in _cmdline(pid)
+    ]
     body = {"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
