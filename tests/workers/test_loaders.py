@@ -13,7 +13,7 @@ from gguf import GGUFWriter
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from workers.loaders.config import load_hf_config, read_hf_config
-from workers.loaders.gguf import gguf_to_hf_name, iter_gguf_weights, unpermute_rope_rows
+from workers.loaders.gguf import gguf_to_hf_name, hf_to_gguf_name, iter_gguf_weights, unpermute_rope_rows
 from workers.loaders.safetensors_loader import find_weight_files
 from workers.loaders.source import ModelSource, resolve_model
 from workers.loaders.weights import iter_weights
@@ -92,10 +92,19 @@ def _write_gguf(
     num_heads: int,
     num_kv_heads: int,
     f16: frozenset[str] = frozenset(),
+    config: LlamaConfig | None = None,
 ) -> None:
+    """A GGUF file of ``tensors``; with ``config``, also the metadata transformers reads a config from."""
     writer = GGUFWriter(path, arch)
     writer.add_head_count(num_heads)
     writer.add_head_count_kv(num_kv_heads)
+    if config is not None:
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
     for name, tensor in tensors.items():
         array = tensor.numpy()
         writer.add_tensor(name, array.astype(np.float16) if name in f16 else array.astype(np.float32))
@@ -103,6 +112,22 @@ def _write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _to_gguf_tensors(
+    state: dict[str, torch.Tensor], arch: str, config: LlamaConfig
+) -> dict[str, torch.Tensor]:
+    """HF tensors under llama.cpp names, with Q and K permuted as llama.cpp's converter does for
+    "llama" (weights and biases) and never for "qwen2"."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        stored = tensor
+        if arch == "llama" and ".q_proj." in name:
+            stored = _llama_cpp_permute(tensor, config.num_attention_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            stored = _llama_cpp_permute(tensor, config.num_key_value_heads)
+        tensors[_hf_to_gguf_name(name)] = stored
+    return tensors
 
 
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,6 +273,19 @@ def test_gguf_to_hf_name(gguf_name: str, hf_name: str | None) -> None:
     assert gguf_to_hf_name(gguf_name) == hf_name
 
 
+def test_hf_to_gguf_name_inverts_the_map() -> None:
+    config = _tiny_llama_config(attention_bias=True)
+    for name in _random_state_dict(config):
+        assert hf_to_gguf_name(name) == _hf_to_gguf_name(name), name
+        assert gguf_to_hf_name(hf_to_gguf_name(name)) == name
+    for name in (
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.x.mlp.up_proj.weight",
+        "lm_head.scale",
+    ):
+        assert hf_to_gguf_name(name) is None
+
+
 @pytest.mark.parametrize(("num_heads", "head_dim", "cols"), [(4, 16, 8), (3, 64, 5), (2, 8, None)])
 def test_unpermute_inverts_llama_cpp_permutation(num_heads: int, head_dim: int, cols: int | None) -> None:
     shape = (num_heads * head_dim,) if cols is None else (num_heads * head_dim, cols)
@@ -267,16 +305,10 @@ def test_synthetic_gguf_round_trip(tmp_path: Path, arch: str, bias: bool) -> Non
     config = _tiny_llama_config(attention_bias=bias)
     state = _random_state_dict(config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        stored = tensor
-        # llama.cpp permutes Q/K (weights and biases) for "llama" only, never for "qwen2".
-        if arch == "llama" and ".q_proj." in name:
-            stored = _llama_cpp_permute(tensor, heads)
-        elif arch == "llama" and ".k_proj." in name:
-            stored = _llama_cpp_permute(tensor, kv_heads)
-        tensors[_hf_to_gguf_name(name)] = stored
-    tensors["rope_freqs.weight"] = torch.ones(8)  # no HF counterpart: must be skipped
+    tensors = _to_gguf_tensors(state, arch, config)
+    # RoPE tables with no HF counterpart, which the config determines: must be skipped.
+    tensors["rope_freqs.weight"] = torch.ones(8)
+    tensors["blk.0.attn_rot_embd.weight"] = torch.ones(8)
     # One tensor stored as F16, with values that F16 holds exactly.
     f16_name = "blk.1.ffn_up.weight"
     state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"].half().float()

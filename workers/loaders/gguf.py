@@ -56,6 +56,12 @@ _BLOCK_NAMES: MappingProxyType[str, str] = MappingProxyType(
 
 _PARAM_KINDS = frozenset({"weight", "bias"})
 
+# Tensors with no HF counterpart that carry nothing the model needs: precomputed RoPE tables
+# (``rope_freqs`` of Llama 3.1, ``attn_rot_embd`` of old converters), which the config determines.
+# Any other tensor without a counterpart is an error: dropping it would run a different model.
+_DERIVED_STEMS = frozenset({"rope_freqs"})
+_DERIVED_BLOCK_LEAVES = frozenset({"attn_rot_embd"})
+
 
 def gguf_to_hf_name(gguf_name: str) -> str | None:
     """The HF Llama parameter name of a llama.cpp tensor name, or None if it has none.
@@ -72,6 +78,40 @@ def gguf_to_hf_name(gguf_name: str) -> str | None:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
         return f"model.layers.{int(parts[1])}.{_BLOCK_NAMES[parts[2]]}.{kind}"
     return None
+
+
+def hf_to_gguf_name(hf_name: str) -> str | None:
+    """The llama.cpp tensor name of an HF Llama parameter name, or None if it has none.
+
+    >>> hf_to_gguf_name("model.layers.3.self_attn.q_proj.weight")
+    'blk.3.attn_q.weight'
+    """
+    stem, _, kind = hf_name.rpartition(".")
+    if kind not in _PARAM_KINDS:
+        return None
+    for gguf_stem, hf_stem in _GLOBAL_NAMES.items():
+        if stem == hf_stem:
+            return f"{gguf_stem}.{kind}"
+    parts = stem.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        for leaf, hf_leaf in _BLOCK_NAMES.items():
+            if parts[3] == hf_leaf:
+                return f"blk.{int(parts[2])}.{leaf}.{kind}"
+    return None
+
+
+def describe_gguf_tensor(hf_name: str) -> str:
+    """An HF parameter name for errors about a GGUF file: with the file's own name for it."""
+    gguf_name = hf_to_gguf_name(hf_name)
+    return repr(hf_name) if gguf_name is None else f"{hf_name!r} (GGUF {gguf_name!r})"
+
+
+def _is_derived(gguf_name: str) -> bool:
+    stem = gguf_name.rpartition(".")[0]
+    parts = stem.split(".")
+    return stem in _DERIVED_STEMS or (
+        len(parts) == 3 and parts[0] == "blk" and parts[2] in _DERIVED_BLOCK_LEAVES
+    )
 
 
 def unpermute_rope_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -94,9 +134,10 @@ def iter_gguf_weights(path: Path | str, *, progress: bool = True) -> Iterator[tu
 
     Lazy: the file is memory-mapped and one tensor is dequantized per step, so peak memory is the
     file plus one float32 tensor beyond what the caller keeps. A file without an ``output``
-    tensor yields nothing for ``lm_head`` (the model ties it to the embedding). Tensors with no
-    HF counterpart (e.g. Llama 3.1's ``rope_freqs``, which transformers also ignores because the
-    config carries the rope scaling) are skipped with a log line.
+    tensor yields nothing for ``lm_head`` (the model ties it to the embedding). Precomputed RoPE
+    tables (e.g. Llama 3.1's ``rope_freqs``, which transformers also ignores because the config
+    carries the rope scaling) are skipped with a log line; any other tensor with no HF counterpart
+    is a ValueError naming it, raised before a tensor is read.
     """
     from gguf import GGUFReader  # imported lazily: only GGUF loads pay for it
 
@@ -115,11 +156,17 @@ def iter_gguf_weights(path: Path | str, *, progress: bool = True) -> Iterator[tu
         # un-permute altogether, which garbles Q/K; every current converter writes the key.)
         k_heads = _read_int(reader, f"{arch}.attention.head_count_kv", default=q_heads)
 
-    skipped: list[str] = []
+    names = {tensor.name: gguf_to_hf_name(tensor.name) for tensor in reader.tensors}
+    unknown = [name for name, hf_name in names.items() if hf_name is None and not _is_derived(name)]
+    if unknown:
+        raise ValueError(
+            f"{path}: GGUF tensor(s) with no place in a {arch!r} model: {unknown}; "
+            f"this file is not a plain {arch} model"
+        )
+    skipped = [name for name, hf_name in names.items() if hf_name is None]
     for tensor in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", disable=not progress):
-        hf_name = gguf_to_hf_name(tensor.name)
+        hf_name = names[tensor.name]
         if hf_name is None:
-            skipped.append(tensor.name)
             continue
         weight = _dequantize(tensor)
         if q_heads:

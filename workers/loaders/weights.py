@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
-from workers.loaders.gguf import iter_gguf_weights
+from workers.loaders.gguf import describe_gguf_tensor, iter_gguf_weights
 from workers.loaders.safetensors_loader import iter_safetensors_weights
 
 if TYPE_CHECKING:
@@ -29,3 +29,11 @@ def iter_weights(source: ModelSource, *, progress: bool = True) -> Iterator[tupl
     if source.format == "hf":
         return iter_safetensors_weights(source.path, progress=progress)
     raise ValueError(f"unknown model format {source.format!r}")
+
+
+def tensor_describer(source: ModelSource) -> Callable[[str], str]:
+    """How errors about ``source`` name one of its tensors, given the HF name ``iter_weights``
+    yields: a GGUF tensor with its llama.cpp name too, an HF one as it is stored."""
+    if source.format == "gguf":
+        return describe_gguf_tensor
+    return repr

@@ -1,13 +1,14 @@
 """Tensor-parallel building blocks: column/row-parallel linears, vocab-parallel embedding and LM head.
 
-Each parameter carries a ``weight_loader(param, loaded, shard)`` that copies this rank's slice of a
-full checkpoint tensor into it, so the model's ``load_weights`` stays a name-mapping loop.
+Each parameter carries a ``weight_loader`` (a ``weight_loading.ParamLoader``) that knows the full
+checkpoint shape of each shard it takes, checks it, and copies this rank's slice of the full tensor
+into the parameter, so the model's ``load_weights`` stays a name-mapping loop.
 With ``tp.size == 1`` every layer is a plain linear / embedding and no collective runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.gemm import GemmPlan
+from workers.models.weight_loading import WHOLE, ParamLoader, set_loader
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +70,6 @@ def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
         )
 
 
-def _set_loader(param: nn.Parameter, loader: Callable[..., None]) -> nn.Parameter:
-    param.weight_loader = loader  # type: ignore[attr-defined]
-    return param
-
-
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows; each rank holds ``out/tp`` rows; no collective."""
 
@@ -80,13 +77,28 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.out_per_rank = _divide(out_features, tp.size, "output size")
-        self.weight = _set_loader(nn.Parameter(torch.empty(self.out_per_rank, in_features)), self._load)
-        self.bias = _set_loader(nn.Parameter(torch.empty(self.out_per_rank)), self._load) if bias else None
+        rows = self._shard_rows(out_features)
+        self.weight = set_loader(
+            nn.Parameter(torch.empty(self.out_per_rank, in_features)),
+            ParamLoader({shard: (n, in_features) for shard, n in rows.items()}, self._load),
+        )
+        self.bias = (
+            set_loader(
+                nn.Parameter(torch.empty(self.out_per_rank)),
+                ParamLoader({shard: (n,) for shard, n in rows.items()}, self._load),
+            )
+            if bias
+            else None
+        )
         self.gemm = GemmPlan()  # cuBLAS until attach_gemm_plan hands over the measured plan
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
-        rows = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+    def _shard_rows(self, out_features: int) -> dict[Hashable, int]:
+        """The checkpoint tensors this projection is made of: shard id -> its full row count."""
+        return {WHOLE: out_features}
+
+    def _load(self, data: torch.Tensor, loaded: torch.Tensor, shard: Hashable) -> None:
+        rows = data.shape[0]
+        data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ b), into ``out`` (a caller's buffer: the same GEMM, no copy) when given."""
@@ -97,13 +109,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input fused into one GEMM (gate || up)."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup) -> None:
+        self.total_out_sizes = list(out_sizes)
         self.out_sizes = [_divide(s, tp.size, "output size") for s in out_sizes]
         super().__init__(in_features, sum(out_sizes), bias, tp)
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+    def _shard_rows(self, out_features: int) -> dict[Hashable, int]:
+        return dict(enumerate(self.total_out_sizes))
+
+    def _load(self, data: torch.Tensor, loaded: torch.Tensor, shard: Hashable) -> None:
         offset = sum(self.out_sizes[:shard])
         rows = self.out_sizes[shard]
-        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+        data.narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -115,6 +131,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     ) -> None:
         check_tp_heads(num_heads, num_kv_heads, tp.size)
         self.head_dim = head_dim
+        self.total_num_heads = num_heads
+        self.total_num_kv_heads = num_kv_heads
         self.num_heads = num_heads // tp.size
         if num_kv_heads >= tp.size:
             self.num_kv_heads = num_kv_heads // tp.size
@@ -133,14 +151,18 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+    def _shard_rows(self, out_features: int) -> dict[Hashable, int]:
+        kv_rows = self.total_num_kv_heads * self.head_dim
+        return {"q": self.total_num_heads * self.head_dim, "k": kv_rows, "v": kv_rows}
+
+    def _load(self, data: torch.Tensor, loaded: torch.Tensor, shard: Hashable) -> None:
         if shard == "q":
             offset, rows, src = 0, self.q_size, self.tp.rank * self.q_size
         else:
             offset = self.q_size + (0 if shard == "k" else self.kv_size)
             rows = self.kv_size
             src = (self.tp.rank // self.kv_replicas) * self.kv_size
-        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, src, rows))
+        data.narrow(0, offset, rows).copy_(loaded.narrow(0, src, rows))
 
 
 class RowParallelLinear(nn.Module):
@@ -150,16 +172,17 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.in_per_rank = _divide(in_features, tp.size, "input size")
-        self.weight = _set_loader(nn.Parameter(torch.empty(out_features, self.in_per_rank)), self._load)
-        self.bias = _set_loader(nn.Parameter(torch.empty(out_features)), self._load_bias) if bias else None
+        self.weight = set_loader(
+            nn.Parameter(torch.empty(out_features, self.in_per_rank)),
+            ParamLoader({WHOLE: (out_features, in_features)}, self._load),
+        )
+        # The bias is added once, after the all-reduce: every rank holds all of it, a plain load.
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.gemm = GemmPlan()
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
-        cols = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
-
-    def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
-        param.data.copy_(loaded)
+    def _load(self, data: torch.Tensor, loaded: torch.Tensor, shard: Hashable) -> None:
+        cols = data.shape[1]
+        data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(self.gemm.linear(x, self.weight))
@@ -194,12 +217,15 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.per_rank = -(-vocab_size // tp.size)
         self.start = tp.rank * self.per_rank
-        self.weight = _set_loader(nn.Parameter(torch.empty(self.per_rank, hidden)), self._load)
+        self.weight = set_loader(
+            nn.Parameter(torch.empty(self.per_rank, hidden)),
+            ParamLoader({WHOLE: (vocab_size, hidden)}, self._load),
+        )
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any = None) -> None:
+    def _load(self, data: torch.Tensor, loaded: torch.Tensor, shard: Hashable) -> None:
         part = loaded[self.start : self.start + self.per_rank]
-        param.data.zero_()
-        param.data[: part.shape[0]].copy_(part)
+        data.zero_()  # the rows past the vocabulary that pad the last rank's slice
+        data[: part.shape[0]].copy_(part)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

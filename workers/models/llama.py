@@ -7,7 +7,7 @@ AttentionMetadata describing where each sequence's queries and KV blocks are.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from workers.models.layers import (
     TPGroup,
     VocabParallelEmbedding,
 )
+from workers.models.weight_loading import CheckpointLayout, StackedShard, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +207,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # checkpoint name fragment -> (our parameter fragment, shard id)
-    _STACKED = (
-        (".q_proj.", ".qkv_proj.", "q"),
-        (".k_proj.", ".qkv_proj.", "k"),
-        (".v_proj.", ".qkv_proj.", "v"),
-        (".gate_proj.", ".gate_up_proj.", 0),
-        (".up_proj.", ".gate_up_proj.", 1),
+    # HF names: the decoder under `model.`, the head beside it; q/k/v and gate/up stored apart.
+    CHECKPOINT_LAYOUT = CheckpointLayout(
+        prefix="model.",
+        unprefixed=("lm_head.",),
+        stacked=(
+            StackedShard(".q_proj.", ".qkv_proj.", "q"),
+            StackedShard(".k_proj.", ".qkv_proj.", "k"),
+            StackedShard(".v_proj.", ".qkv_proj.", "v"),
+            StackedShard(".gate_proj.", ".gate_up_proj.", 0),
+            StackedShard(".up_proj.", ".gate_up_proj.", 1),
+        ),
+        ignored=("rotary_emb.inv_freq",),
     )
 
     def __init__(self, hf_config: dict[str, Any], tp: TPGroup | None = None) -> None:
@@ -297,37 +303,13 @@ class LlamaForCausalLM(nn.Module):
         attn.attend(q, kv_caches[index], meta, out=attn_out.view(-1, attn.num_heads, attn.head_dim))
 
     # ------------------------------------------------------------------ weights
-    def _param_name(self, name: str) -> tuple[str, Any]:
-        name = name.removeprefix("model.")
-        for src, dst, shard in self._STACKED:
-            if src in name:
-                return name.replace(src, dst), shard
-        return name, None
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for ckpt_name, tensor in weights:
-            if "rotary_emb.inv_freq" in ckpt_name:
-                continue
-            if ckpt_name == "lm_head.weight" and self.args.tie_word_embeddings:
-                continue  # tied: the embedding is the head
-            name, shard = self._param_name(ckpt_name)
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {type(self).__name__}")
-            with torch.no_grad():
-                loader = getattr(param, "weight_loader", None)
-                if loader is not None:
-                    loader(param, tensor.to(param.dtype), shard)
-                else:
-                    param.data.copy_(tensor)
-            loaded.add(name)
-        if self.args.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], *, describe: Callable[[str], str] = repr
+    ) -> None:
+        """Fill the parameters from HF-named full tensors (see ``weight_loading.load_checkpoint``)."""
+        # Tied: the embedding is the head, so a stored head has nothing to fill.
+        skip = frozenset({"lm_head.weight"}) if self.args.tie_word_embeddings else frozenset()
+        load_checkpoint(self, weights, self.CHECKPOINT_LAYOUT, skip=skip, describe=describe)
 
 
 def dummy_checkpoint(

@@ -44,8 +44,7 @@ def load_model_weights(model: torch.nn.Module, config: ModelConfig) -> None:
         model.load_weights(dummy_checkpoint(config.hf_config, config.seed, device))
         return
     from workers.loaders.source import ModelSource
-    from workers.loaders.weights import iter_weights
+    from workers.loaders.weights import iter_weights, tensor_describer
 
-    model.load_weights(
-        iter_weights(ModelSource(path=Path(config.path), format=config.format, name=config.model))
-    )
+    source = ModelSource(path=Path(config.path), format=config.format, name=config.model)
+    model.load_weights(iter_weights(source), describe=tensor_describer(source))
