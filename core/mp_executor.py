@@ -189,7 +189,7 @@ class MultiprocExecutor:
     def _start_workers(self, worker_cls: type | None, timeout_s: float) -> None:
         context = multiprocessing.get_context("spawn")
         init_method = "file://" + os.path.join(self._ipc_dir.path, "dist-rendezvous")
-        log_level = logging.getLogger().getEffectiveLevel()
+        log_level = logger.getEffectiveLevel()  # the level this process logs at, as configured
         for rank in range(self.world_size):
             parent_conn, child_conn = context.Pipe(duplex=True)
             args = WorkerProcArgs(

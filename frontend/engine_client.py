@@ -79,7 +79,7 @@ class EngineCoreClient:
         mp = multiprocessing.get_context("spawn")
         self._proc = mp.Process(
             target=run_engine_core,
-            args=(config, input_addr, output_addr, os.getpid(), logging.getLogger().getEffectiveLevel()),
+            args=(config, input_addr, output_addr, os.getpid(), logger.getEffectiveLevel()),
             name="pagedserve-engine-core",
             daemon=False,
         )
