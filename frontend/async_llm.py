@@ -21,8 +21,10 @@ from frontend.engine_client import EngineCoreClient, EngineDead
 from frontend.output_processor import OutputProcessor
 from frontend.outputs import CompletionOutput, RequestOutput
 from frontend.processor import InputProcessor, PromptType
+from frontend.stat_logger import LoggingStatLogger
 from frontend.tokenizer import Tokenizer, load_tokenizer
 from ipc.config import EngineConfig
+from ipc.logging_setup import setup_logging
 from ipc.messages import EngineCoreOutputs, SchedulerStats
 from ipc.sampling_params import RequestOutputKind, SamplingParams
 
@@ -102,7 +104,11 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
-        return cls(args.create_engine_config())
+        setup_logging("frontend")
+        llm = cls(args.create_engine_config())
+        if not args.disable_log_stats:
+            llm.stats_listeners.append(LoggingStatLogger(args.log_stats_interval).record_on_loop)
+        return llm
 
     @classmethod
     def create(cls, model: str = DEFAULT_MODEL, **engine_kwargs: Any) -> AsyncLLM:
