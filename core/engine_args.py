@@ -53,6 +53,9 @@ class EngineArgs:
     device: str = "auto"
     enforce_eager: bool = False
     cpu_threads: int | None = None  # None: half the cores, at least 1
+    # The frontend's periodic stats line (frontend/stat_logger.py); the engine ignores both.
+    disable_log_stats: bool = False
+    log_stats_interval: float = 10.0  # seconds between lines
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -86,6 +89,8 @@ class EngineArgs:
             raise bad("pipeline_parallel_size", "other than 1 is not supported yet")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise bad("cpu_threads", f"must be at least 1, got {self.cpu_threads}")
+        if not self.log_stats_interval > 0:
+            raise bad("log_stats_interval", f"must be positive, got {self.log_stats_interval}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", f"must be auto, cpu or cuda, got {self.device!r}")
 

@@ -26,6 +26,7 @@ import zmq
 from core.engine_core import EngineCore
 from core.errors import EngineDeadError
 from ipc.config import EngineConfig
+from ipc.logging_setup import setup_logging
 from ipc.messages import (
     WIRE_SCHEMA_VERSION,
     EngineCoreOutput,
@@ -259,7 +260,7 @@ def run_engine_core(
     """Entry point of the engine-core process (started by ipc.process.start_process); ``parent_pid`` is
     the client's pid, passed in because a parent that died before ``_die_with_parent`` ran sends no
     signal, and ``os.getppid()`` read here would already name the process that adopted us."""
-    logging.basicConfig(level=log_level, format="%(levelname)s %(asctime)s [engine] %(name)s: %(message)s")
+    setup_logging("engine", log_level)
     logger.info("engine core process %d started", os.getpid())  # the start-up timeline's first mark
     _die_with_parent()
     if os.getppid() != parent_pid:

@@ -186,7 +186,7 @@ class MultiprocExecutor:
 
     def _start_workers(self, worker_cls: type | None, timeout_s: float) -> None:
         init_method = "file://" + os.path.join(self._ipc_dir.path, "dist-rendezvous")
-        log_level = logging.getLogger().getEffectiveLevel()
+        log_level = logger.getEffectiveLevel()  # the level this process logs at, as configured
         for rank in range(self.world_size):
             parent_conn, child_conn = Pipe(duplex=True)
             args = WorkerProcArgs(

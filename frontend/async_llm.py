@@ -21,8 +21,10 @@ from frontend.engine_client import EngineCoreClient, EngineDead
 from frontend.output_processor import OutputProcessor
 from frontend.outputs import CompletionOutput, RequestOutput
 from frontend.processor import InputProcessor, PromptType
+from frontend.stat_logger import LoggingStatLogger
 from frontend.tokenizer import Tokenizer, load_tokenizer
 from ipc.config import EngineConfig
+from ipc.logging_setup import setup_logging
 from ipc.messages import EngineCoreOutputs, SchedulerStats
 from ipc.sampling_params import RequestOutputKind, SamplingParams
 
@@ -84,11 +86,19 @@ class AsyncLLM:
     process at construction; call ``shutdown()`` (or use ``async with``) when done."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_kwargs: Any) -> None:
-        self._start(EngineArgs.from_kwargs(model=model, **engine_kwargs).create_engine_config())
+        self._start_from_args(EngineArgs.from_kwargs(model=model, **engine_kwargs))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
-        return cls.from_config(args.create_engine_config())
+        llm = cls.__new__(cls)
+        llm._start_from_args(args)
+        return llm
+
+    def _start_from_args(self, args: EngineArgs) -> None:
+        setup_logging("frontend")
+        self._start(args.create_engine_config())
+        if not args.disable_log_stats:
+            self.stats_listeners.append(LoggingStatLogger(args.log_stats_interval).record_on_loop)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLM:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from core.engine_args import DEFAULT_MODEL, EngineArgs
 from frontend.server import ServerConfig
 from ipc.config import DTYPES, LOAD_FORMATS
+from ipc.logging_setup import LEVEL_ENV, LEVEL_NAMES, setup_logging
 
 if TYPE_CHECKING:  # the engine (torch) is imported only when serving, not for --help
     from frontend.async_llm import AsyncLLM
@@ -187,6 +188,18 @@ def build_parser(prog: str = "pagedserve serve") -> argparse.ArgumentParser:
     server.add_argument(
         "--uvicorn-log-level", default="info", choices=UVICORN_LOG_LEVELS, help="Log level of uvicorn."
     )
+    server.add_argument(
+        "--log-level",
+        default=None,
+        choices=LEVEL_NAMES,
+        help=f"Log level of pagedserve's own loggers in every process. Default: ${LEVEL_ENV}, else info.",
+    )
+    server.add_argument(
+        "--log-stats-interval", type=float, default=10.0, help="Seconds between the engine stats lines."
+    )
+    server.add_argument(
+        "--disable-log-stats", action="store_true", help="Do not log the periodic engine stats line."
+    )
     return parser
 
 
@@ -228,6 +241,8 @@ def parse_args(
         disable_custom_all_reduce=args.disable_custom_all_reduce,
         device=args.device,
         enforce_eager=args.enforce_eager,
+        disable_log_stats=args.disable_log_stats,
+        log_stats_interval=args.log_stats_interval,
     )
     server_config = ServerConfig(
         model=model,
@@ -237,6 +252,7 @@ def parse_args(
         api_keys=api_keys,
         uvicorn_log_level=args.uvicorn_log_level,
         disable_log_requests=args.disable_log_requests,
+        log_level=args.log_level,
     )
     return engine_args, server_config
 
@@ -303,9 +319,9 @@ def _log_startup(engine: AsyncLLM, config: ServerConfig) -> None:
 
 def run(argv: Sequence[str], prog: str) -> int:
     engine_args, config = parse_args(argv, prog=prog)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        setup_logging("api_server", config.log_level)
         serve(engine_args, config)
     except KeyboardInterrupt:
         logger.info("stopped")

@@ -80,7 +80,7 @@ class EngineCoreClient:
             "pagedserve-engine-core",
             "core.engine_core_proc",
             "run_engine_core",
-            (config, input_addr, output_addr, os.getpid(), logging.getLogger().getEffectiveLevel()),
+            (config, input_addr, output_addr, os.getpid(), logger.getEffectiveLevel()),
         )
         logger.info("engine core process %d started", self._proc.pid)
         self.info: dict[str, Any] = {}

@@ -19,8 +19,10 @@ from frontend.engine_client import EngineCoreClient, EngineDead
 from frontend.output_processor import OutputProcessor
 from frontend.outputs import RequestOutput
 from frontend.processor import InputProcessor, PromptType
+from frontend.stat_logger import LoggingStatLogger
 from frontend.tokenizer import Tokenizer, load_tokenizer
 from ipc.config import EngineConfig
+from ipc.logging_setup import setup_logging
 from ipc.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from ipc.sampling_params import RequestOutputKind, SamplingParams
 
@@ -122,7 +124,10 @@ class LLM:
     def __init__(
         self, model: str = DEFAULT_MODEL, *, engine_process: bool = True, **engine_kwargs: Any
     ) -> None:
+        setup_logging("frontend")
+        engine_kwargs.setdefault("disable_log_stats", True)  # as vLLM's LLM: stats lines are opt-in
         args = EngineArgs.from_kwargs(model=model, **engine_kwargs)
+        self._stat_logger = None if args.disable_log_stats else LoggingStatLogger(args.log_stats_interval)
         self.config = args.create_engine_config()
         mc = self.config.model
         # The engine process loads the model while this one loads the tokenizer.
@@ -200,6 +205,8 @@ class LLM:
                 step = self.engine.next_outputs()
                 if step.scheduler_stats is not None:
                     self.stats.add(step.scheduler_stats)
+                    if self._stat_logger is not None:
+                        self._stat_logger.record(step.scheduler_stats)
                 refused = next((o for o in step.outputs if o.error is not None), None)
                 if refused is not None:  # validated above, so this is an engine-side refusal
                     raise ValueError(refused.error)

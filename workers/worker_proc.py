@@ -55,6 +55,7 @@ from typing import Any
 import msgspec
 
 from ipc.config import EngineConfig
+from ipc.logging_setup import setup_logging
 from ipc.messages import WIRE_SCHEMA_VERSION, Handshake, SchedulerOutput, UtilityCall, UtilityResult
 from ipc.process import use_thread_locks_for_progress_bars
 from ipc.serialization import Decoder, Encoder, WireError
@@ -424,11 +425,6 @@ class WorkerProc:
 
 def worker_main(args: WorkerProcArgs) -> None:
     """The process entry point (started by ipc.process.start_process); exits with the loop's code."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(
-            level=args.log_level,
-            format=f"%(asctime)s %(levelname)s [worker rank {args.rank} pid %(process)d] %(name)s: %(message)s",
-        )
+    setup_logging(f"worker rank {args.rank}", args.log_level)
     use_thread_locks_for_progress_bars()
     raise SystemExit(WorkerProc(args).run())

@@ -25,6 +25,7 @@ class ServerConfig:
     # Bearer keys accepted under /v1; empty means no authentication. Read once, at startup.
     api_keys: tuple[str, ...] = ()
     uvicorn_log_level: str = "info"
+    log_level: str | None = None  # None: $PAGEDSERVE_LOGGING_LEVEL, else info (ipc.logging_setup)
     disable_log_requests: bool = False
     # How long a SIGINT/SIGTERM waits for in-flight responses before cancelling them.
     graceful_shutdown_s: float = 5.0
