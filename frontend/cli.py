@@ -330,10 +330,24 @@ def run(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _chat_command(argv: Sequence[str], prog: str) -> int:
+    from frontend.client_cli import chat_main
+
+    return chat_main(argv, prog)
+
+
+def _complete_command(argv: Sequence[str], prog: str) -> int:
+    from frontend.client_cli import complete_main
+
+    return complete_main(argv, prog)
+
+
 Command = Callable[[Sequence[str], str], int]
 # name -> (one-line help, entry point taking the arguments after the name and its prog).
 COMMANDS: dict[str, tuple[str, Command]] = {
     "serve": ("Start the OpenAI-compatible server.", run),
+    "chat": ("Chat with a running server, interactively or with --quick.", _chat_command),
+    "complete": ("Complete prompts with a running server, interactively or with --quick.", _complete_command),
 }
 
 
