@@ -342,12 +342,19 @@ def _complete_command(argv: Sequence[str], prog: str) -> int:
     return complete_main(argv, prog)
 
 
+def _bench_command(argv: Sequence[str], prog: str) -> int:
+    from frontend.bench.cli import main as bench_main
+
+    return bench_main(argv, prog)
+
+
 Command = Callable[[Sequence[str], str], int]
 # name -> (one-line help, entry point taking the arguments after the name and its prog).
 COMMANDS: dict[str, tuple[str, Command]] = {
     "serve": ("Start the OpenAI-compatible server.", run),
     "chat": ("Chat with a running server, interactively or with --quick.", _chat_command),
     "complete": ("Complete prompts with a running server, interactively or with --quick.", _complete_command),
+    "bench": ("Benchmark: throughput and latency offline, serve against a running server.", _bench_command),
 }
 
 
