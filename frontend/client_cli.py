@@ -94,14 +94,18 @@ def _error_message(body: bytes) -> str:
 
 
 def print_stream(pieces: Iterator[str]) -> str:
-    """Print each piece as it arrives; returns the whole text."""
+    """Print each piece as it arrives and end the line (also when the stream breaks off after
+    some text); returns the whole text."""
     text: list[str] = []
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-        text.append(piece)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            text.append(piece)
+    finally:
+        if text or sys.exc_info()[0] is None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     return "".join(text)
 
 

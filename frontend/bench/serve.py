@@ -135,7 +135,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for item in args.metadata:
         if "=" not in item:
             parser.error(f"--metadata takes KEY=VALUE items, got {item!r}")
-    if args.api_key is None:
+    if args.api_key is None:  # resolved once, here, like every other setting of the run
         args.api_key = os.environ.get(API_KEY_ENV) or None
 
 
