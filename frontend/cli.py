@@ -1,7 +1,10 @@
-"""The command line: ``pagedserve serve MODEL [flags]`` and ``python -m frontend --model MODEL [flags]``.
+"""The command line, in vLLM's shape: ``pagedserve serve MODEL [flags]`` (also
+``python -m frontend --model MODEL [flags]``), ``pagedserve chat``, ``pagedserve complete``,
+``pagedserve bench throughput|latency|serve`` and ``pagedserve --version``.
 
-Flags have vLLM's names and meanings. They become two frozen objects, EngineArgs (the engine)
-and ServerConfig (the HTTP layer), and nothing reads the command line or the environment after
+Serve flags have vLLM's names and meanings; ``--config FILE.yaml`` supplies any of them from a
+file, below the command line. They become two frozen objects, EngineArgs (the engine) and
+ServerConfig (the HTTP layer), and nothing reads the command line or the environment after
 that: the API key is taken from ``--api-key`` or, failing that, from ``VLLM_API_KEY`` /
 ``PAGEDSERVE_API_KEY`` once, here.
 
@@ -13,17 +16,20 @@ and then shut the engine down, leaving no process behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.engine_args import DEFAULT_MODEL, EngineArgs
+from frontend.config_file import add_config_arg, parse_with_config
 from frontend.server import ServerConfig
+from frontend.version import package_version
 from ipc.config import DTYPES, LOAD_FORMATS
 from ipc.logging_setup import LEVEL_ENV, LEVEL_NAMES, setup_logging
 
@@ -52,7 +58,7 @@ def human_readable_int(value: str) -> int:
     return int(result)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default where it has one that the help text does not already explain."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -62,25 +68,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(prog: str = "pagedserve serve") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Serve a model with an OpenAI-compatible API (a drop-in for `vllm serve`).",
-        formatter_class=_HelpFormatter,
-    )
-    parser.add_argument(
-        "model_tag",
-        nargs="?",
-        default=None,
-        metavar="MODEL",
-        help="The model to serve (same as --model): a .gguf file, a HF directory with config.json and "
-        "safetensors, or a built-in alias.",
-    )
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags (one argument group per config), shared by ``serve`` and the offline
+    benchmarks. A flag whose dest is an EngineArgs field reaches the engine with no more code."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
         default=None,
-        help=f"The model to serve (a .gguf file, a HF directory, or a built-in alias). Default: {DEFAULT_MODEL}.",
+        help=f"The model (a .gguf file, a HF directory, or a built-in alias). Default: {DEFAULT_MODEL}.",
     )
     model.add_argument(
         "--served-model-name",
@@ -174,6 +169,9 @@ def build_parser(prog: str = "pagedserve serve") -> argparse.ArgumentParser:
         "--enforce-eager", action="store_true", help="Never capture CUDA graphs; run every step eagerly."
     )
 
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The HTTP layer's flags. A flag whose dest is a ServerConfig field reaches it with no more code."""
     server = parser.add_argument_group("server")
     server.add_argument("--host", default=None, help="Address to listen on. Default: every interface.")
     server.add_argument("--port", type=int, default=8000, help="Port to listen on.")
@@ -200,59 +198,72 @@ def build_parser(prog: str = "pagedserve serve") -> argparse.ArgumentParser:
     server.add_argument(
         "--disable-log-stats", action="store_true", help="Do not log the periodic engine stats line."
     )
+
+
+def build_parser(prog: str = "pagedserve serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve a model with an OpenAI-compatible API (a drop-in for `vllm serve`).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="The model to serve (same as --model): a .gguf file, a HF directory with config.json and "
+        "safetensors, or a built-in alias.",
+    )
+    add_config_arg(parser)
+    add_engine_args(parser)
+    add_server_args(parser)
     return parser
+
+
+def _matching_fields(config_class: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed values whose dest names a field of ``config_class``."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+
+
+def engine_args_from(args: argparse.Namespace, model: str | None = None) -> EngineArgs:
+    """EngineArgs from parsed engine flags: every field named like a flag's dest takes its value;
+    ``model`` (default: --model, else the default model) and the first served name are resolved."""
+    served = args.served_model_name
+    return EngineArgs(
+        **{
+            **_matching_fields(EngineArgs, args),
+            "model": model or args.model or DEFAULT_MODEL,
+            "served_model_name": served[0] if served else None,
+        }
+    )
 
 
 def parse_args(
     argv: Sequence[str], environ: Mapping[str, str] | None = None, prog: str = "pagedserve serve"
 ) -> tuple[EngineArgs, ServerConfig]:
-    """Flags (and the API-key environment variables) to the frozen configs. Exits with a usage
-    message on a bad flag, as argparse does."""
+    """Flags (a --config file below them, and the API-key environment variables) to the frozen
+    configs. Exits with code 2 and a message on a bad flag or config file, as argparse does."""
     parser = build_parser(prog)
-    args = parser.parse_args(list(argv))
+    # The positional MODEL on the command line wins over the file's model, so it is held back.
+    args, held = parse_with_config(parser, argv, held=("model",))
     environ = os.environ if environ is None else environ
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         parser.error(f"the positional model {args.model_tag!r} and --model {args.model!r} disagree")
-    model = args.model_tag or args.model or DEFAULT_MODEL
+    model = args.model_tag or args.model or held.get("model") or DEFAULT_MODEL
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in [1, 65535], got {args.port}")
     api_keys = tuple(args.api_key or ())
     if not api_keys:  # the first variable that is set wins
         api_keys = next(((environ[name],) for name in API_KEY_ENV_VARS if environ.get(name)), ())
     served = tuple(args.served_model_name or (model,))
-    engine_args = EngineArgs(
-        model=model,
-        served_model_name=served[0],
-        tokenizer=args.tokenizer,
-        skip_tokenizer_init=args.skip_tokenizer_init,
-        chat_template=args.chat_template,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        num_gpu_blocks_override=args.num_gpu_blocks_override,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        tensor_parallel_size=args.tensor_parallel_size,
-        disable_custom_all_reduce=args.disable_custom_all_reduce,
-        device=args.device,
-        enforce_eager=args.enforce_eager,
-        disable_log_stats=args.disable_log_stats,
-        log_stats_interval=args.log_stats_interval,
-    )
+    engine_args = engine_args_from(args, model)
     server_config = ServerConfig(
-        model=model,
-        served_model_names=served,
-        host=args.host,
-        port=args.port,
-        api_keys=api_keys,
-        uvicorn_log_level=args.uvicorn_log_level,
-        disable_log_requests=args.disable_log_requests,
-        log_level=args.log_level,
+        **{
+            **_matching_fields(ServerConfig, args),
+            "model": model,
+            "served_model_names": served,
+            "api_keys": api_keys,
+        }
     )
     return engine_args, server_config
 
@@ -332,13 +343,62 @@ def run(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``pagedserve`` console script: ``pagedserve serve MODEL [flags]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _chat_command(argv: Sequence[str], prog: str) -> int:
+    from frontend.client_cli import chat_main
+
+    return chat_main(argv, prog)
+
+
+def _complete_command(argv: Sequence[str], prog: str) -> int:
+    from frontend.client_cli import complete_main
+
+    return complete_main(argv, prog)
+
+
+def _bench_command(argv: Sequence[str], prog: str) -> int:
+    from frontend.bench.cli import main as bench_main
+
+    return bench_main(argv, prog)
+
+
+Command = Callable[[Sequence[str], str], int]
+# name -> (one-line help, entry point taking the arguments after the name and its prog).
+COMMANDS: dict[str, tuple[str, Command]] = {
+    "serve": ("Start the OpenAI-compatible server.", run),
+    "chat": ("Chat with a running server, interactively or with --quick.", _chat_command),
+    "complete": ("Complete prompts with a running server, interactively or with --quick.", _complete_command),
+    "bench": ("Benchmark: throughput and latency offline, serve against a running server.", _bench_command),
+}
+
+
+def dispatch(argv: Sequence[str], prog: str, commands: Mapping[str, tuple[str, Command]]) -> int:
+    """Run the command named by ``argv[0]``; ``-h`` lists the commands, an unknown one is a
+    one-line error and exit code 2."""
+    names = ", ".join(commands)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pagedserve serve [MODEL] [flags]  (pagedserve serve --help lists the flags)")
+        lines = [f"usage: {prog} {{{','.join(commands)}}} ...", "", "commands:"]
+        width = max(map(len, commands)) + 2
+        lines += [f"  {name:<{width}}{text}" for name, (text, _) in commands.items()]
+        lines.append(f"\n'{prog} COMMAND --help' lists a command's flags.")
+        print("\n".join(lines), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    if argv[0] != "serve":
-        print(f"pagedserve: unknown command {argv[0]!r}; the command is 'serve'", file=sys.stderr)
+    entry = commands.get(argv[0])
+    if entry is None:
+        print(f"{prog}: error: unknown command {argv[0]!r} (choose from {names})", file=sys.stderr)
         return 2
-    return run(argv[1:], prog="pagedserve serve")
+    return entry[1](argv[1:], f"{prog} {argv[0]}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``pagedserve`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-v", "--version"):
+        print(package_version())
+        return 0
+    return dispatch(argv, "pagedserve", COMMANDS)
+
+
+# The guard matters: the engine core starts with multiprocessing's "spawn", which re-imports the
+# main module in the child.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -77,7 +77,7 @@ def process_tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
 
 
 def _label(cmdline: str) -> str:
-    if "-m frontend" in cmdline:
+    if "-m frontend" in cmdline or "pagedserve serve" in cmdline:
         return "frontend"
     if "resource_tracker" in cmdline:
         return "resource_tracker"
