@@ -168,6 +168,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     sched.add_argument(
         "--enforce-eager", action="store_true", help="Never capture CUDA graphs; run every step eagerly."
     )
+    stats = parser.add_argument_group("engine stats")
+    stats.add_argument(
+        "--log-stats-interval", type=float, default=10.0, help="Seconds between the engine stats lines."
+    )
+    stats.add_argument(
+        "--disable-log-stats", action="store_true", help="Do not log the periodic engine stats line."
+    )
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -191,12 +198,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=LEVEL_NAMES,
         help=f"Log level of pagedserve's own loggers in every process. Default: ${LEVEL_ENV}, else info.",
-    )
-    server.add_argument(
-        "--log-stats-interval", type=float, default=10.0, help="Seconds between the engine stats lines."
-    )
-    server.add_argument(
-        "--disable-log-stats", action="store_true", help="Do not log the periodic engine stats line."
     )
 
 
