@@ -120,6 +120,18 @@ def build_parser(prog: str = "pagedserve serve") -> argparse.ArgumentParser:
         "max_position_embeddings.",
     )
     model.add_argument("--seed", type=int, default=0, help="Random seed of the engine.")
+    model.add_argument(
+        "--generation-config",
+        default="auto",
+        help="Where request defaults come from: auto (the model's generation_config.json: its EOS ids, "
+        "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), vllm (vLLM's neutral "
+        "sampling defaults), or a directory holding a generation_config.json.",
+    )
+    model.add_argument(
+        "--override-generation-config",
+        default=None,
+        help="A JSON object laid over the generation config's sampling defaults, e.g. '{\"temperature\": 0.5}'.",
+    )
 
     cache = parser.add_argument_group("KV cache")
     cache.add_argument("--block-size", type=int, default=16, choices=(1, 2, 4, 8, 16, 32, 64, 128),
@@ -228,6 +240,8 @@ def parse_args(
         disable_custom_all_reduce=args.disable_custom_all_reduce,
         device=args.device,
         enforce_eager=args.enforce_eager,
+        generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
     )
     server_config = ServerConfig(
         model=model,
