@@ -56,6 +56,11 @@ class EngineArgs:
     # The frontend's periodic stats line (frontend/stat_logger.py); the engine ignores both.
     disable_log_stats: bool = False
     log_stats_interval: float = 10.0  # seconds between lines
+    # "auto" (the model's generation_config.json), "vllm" (neutral sampling defaults) or a
+    # directory holding a generation_config.json; see core/generation_config.py.
+    generation_config: str = "auto"
+    # Laid over the generation config's sampling defaults: a dict, or its JSON text (the CLI's).
+    override_generation_config: dict[str, Any] | str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
@@ -98,11 +103,13 @@ class EngineArgs:
         # Neither torch nor (for Llama directories) transformers is imported here: this runs in
         # the frontend before the engine process starts, so on a fresh machine their imports
         # (16 s) would come before, not beside, the engine's own start.
+        from core.generation_config import load_generation_defaults, parse_override
         from workers.loaders.config import read_hf_config
         from workers.loaders.source import resolve_model
 
         start = time.perf_counter()
         self._check()
+        override = parse_override(self.override_generation_config)
         source = resolve_model(self.model)
         hf = read_hf_config(source)
         read = time.perf_counter()
@@ -180,6 +187,9 @@ class EngineArgs:
             chat_template=self.chat_template,
             skip_tokenizer_init=self.skip_tokenizer_init,
             seed=self.seed,
+            generation=load_generation_defaults(
+                source, hf, hf["vocab_size"], self.generation_config, override
+            ),
             hf_config=hf,
         )
         from workers.models.architectures import check_architecture

@@ -41,6 +41,8 @@ class Request:
     stop_reason: int | str | None = None
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_scheduled_time: float | None = None
+    # The model's EOS ids besides eos_token_id (EngineCoreRequest.extra_eos_token_ids).
+    extra_eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_engine_core_request(cls, req: EngineCoreRequest) -> Request:
@@ -51,6 +53,7 @@ class Request:
             eos_token_id=req.eos_token_id,
             arrival_time=req.arrival_time or time.time(),
             priority=req.priority,
+            extra_eos_token_ids=tuple(req.extra_eos_token_ids),
         )
 
     @property

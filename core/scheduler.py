@@ -162,6 +162,7 @@ class Scheduler:
                     num_computed_tokens=num_hit_tokens,
                     output_token_ids=list(request.output_token_ids),
                     eos_token_id=request.eos_token_id,
+                    extra_eos_token_ids=list(request.extra_eos_token_ids),
                 )
             )
             num_scheduled[request.request_id] = num_new
@@ -260,7 +261,11 @@ class Scheduler:
             if token_id == request.eos_token_id and not params.ignore_eos:
                 request.finish_reason = FinishReason.STOP
                 return
-            if params.stop_token_ids and token_id in params.stop_token_ids:
+            # The generation config's other EOS ids stop as stop tokens do (vLLM adds them to
+            # stop_token_ids unless ignore_eos), so they report themselves as the stop reason.
+            if (token_id in params.stop_token_ids) or (
+                token_id in request.extra_eos_token_ids and not params.ignore_eos
+            ):
                 request.finish_reason = FinishReason.STOP
                 request.stop_reason = token_id
                 return

@@ -116,6 +116,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "max_position_embeddings.",
     )
     model.add_argument("--seed", type=int, default=0, help="Random seed of the engine.")
+    model.add_argument(
+        "--generation-config",
+        default="auto",
+        help="Where request defaults come from: auto (the model's generation_config.json: its EOS ids, "
+        "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), vllm (vLLM's neutral "
+        "sampling defaults), or a directory holding a generation_config.json.",
+    )
+    model.add_argument(
+        "--override-generation-config",
+        default=None,
+        help="A JSON object laid over the generation config's sampling defaults, e.g. '{\"temperature\": 0.5}'.",
+    )
 
     cache = parser.add_argument_group("KV cache")
     cache.add_argument("--block-size", type=int, default=16, choices=(1, 2, 4, 8, 16, 32, 64, 128),

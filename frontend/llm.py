@@ -148,6 +148,11 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without sampling params uses: vLLM's defaults with the model's generation
+        config (``--generation-config``, ``--override-generation-config``) laid over them."""
+        return SamplingParams(**self.config.model.generation.sampling_defaults())
+
     # ------------------------------------------------------------------ generate
     def generate(
         self,
@@ -158,6 +163,8 @@ class LLM:
         """Outputs come back in prompt order. Every prompt is validated before any is queued, so
         one bad prompt fails the call without leaving the others running."""
         prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params_list = _as_params_list(sampling_params, len(prompt_list))
         prepared = []
         for prompt, params in zip(prompt_list, params_list):
@@ -256,9 +263,7 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     return prompts
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * n
     params = list(params)

@@ -19,12 +19,12 @@ class InputProcessor:
     def __init__(self, model_config: ModelConfig, tokenizer: Tokenizer | None) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
-
-    @property
-    def eos_token_id(self) -> int | None:
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            return self.tokenizer.eos_token_id
-        return self.model_config.eos_token_id
+        # The tokenizer's EOS (else config.json's), and the generation config's other EOS ids.
+        eos = model_config.eos_token_id
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_id: int | None = eos
+        self.extra_eos_token_ids = tuple(i for i in model_config.generation.eos_token_ids if i != eos)
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Returns (prompt text or None, prompt token ids)."""
@@ -86,6 +86,7 @@ class InputProcessor:
                     sampling_params=child_params,
                     eos_token_id=self.eos_token_id,
                     arrival_time=arrival_time,
+                    extra_eos_token_ids=list(self.extra_eos_token_ids),
                 )
             )
         return requests

@@ -20,6 +20,34 @@ LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 
 
 @dataclass(frozen=True, slots=True)
+class GenerationDefaults:
+    """The model's generation config as the engine applies it (vLLM's ``--generation-config``).
+
+    ``eos_token_ids`` are the ids the model's generation config names as end of sequence (from
+    ``generation_config.json``, else ``config.json``, or a GGUF's eos/eot/eom ids): each ends a
+    request as the tokenizer's EOS does unless ``ignore_eos``. The sampling fields (vLLM's
+    SamplingParams names; None: not set) are the defaults of requests that leave them unset.
+    ``max_tokens_limit`` caps an OpenAI request's max_tokens (vLLM's ``override_max_tokens``: the
+    override's max_new_tokens, or the file's when the config comes from a ``--generation-config``
+    directory).
+    """
+
+    eos_token_ids: tuple[int, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    max_tokens_limit: int | None = None
+
+    def sampling_defaults(self) -> dict[str, float | int]:
+        """The set sampling fields by SamplingParams name (vLLM's ``get_diff_sampling_param()``)."""
+        names = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_tokens")
+        return {name: value for name in names if (value := getattr(self, name)) is not None}
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     model: str  # what the user typed (alias, path)
     path: str  # resolved file or directory
@@ -41,6 +69,7 @@ class ModelConfig:
     chat_template: str | None = None
     skip_tokenizer_init: bool = False
     seed: int = 0
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     # The HF config as a plain dict (picklable, hashable by identity only).
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 

@@ -18,7 +18,7 @@ import msgspec
 
 from ipc.sampling_params import SamplingParams
 
-WIRE_SCHEMA_VERSION = 3
+WIRE_SCHEMA_VERSION = 4
 
 
 class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
@@ -42,9 +42,13 @@ class EngineCoreRequest(_Wire):
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
+    # The tokenizer's EOS: it ends the request (stop_reason None) unless ignore_eos.
     eos_token_id: int | None = None
     arrival_time: float = 0.0
     priority: int = 0
+    # The model's other EOS ids (its generation config's): each ends the request as a stop token
+    # (stop_reason the id) unless ignore_eos. min_tokens masks all of them either way, as vLLM.
+    extra_eos_token_ids: list[int] = msgspec.field(default_factory=list)
 
 
 class TokenLogprobs(_Wire):
@@ -101,7 +105,9 @@ class NewRequestData(_Wire):
     block_ids: list[int]
     num_computed_tokens: int
     output_token_ids: list[int] = msgspec.field(default_factory=list)  # non-empty when resumed
-    eos_token_id: int | None = None  # masked (with stop_token_ids) until min_tokens are out
+    # Masked, with stop_token_ids, until min_tokens are out (even with ignore_eos, as vLLM).
+    eos_token_id: int | None = None
+    extra_eos_token_ids: list[int] = msgspec.field(default_factory=list)
 
 
 class CachedRequestData(_Wire):

@@ -21,7 +21,9 @@ class RequestState:
     row: int
     sampling_params: SamplingParams
     num_prompt_tokens: int
-    eos_token_id: int | None
+    # Masked until min_tokens are out: every EOS id and stop token, with or without ignore_eos
+    # (vLLM's all_stop_token_ids).
+    min_tokens_blocked: tuple[int, ...]
 
 
 class InputBatch:
@@ -77,7 +79,9 @@ class InputBatch:
             or p.min_tokens
             or p.logprobs is not None
         )
-        state = RequestState(new.req_id, row, p, len(new.prompt_token_ids), new.eos_token_id)
+        eos = [new.eos_token_id] if new.eos_token_id is not None else []
+        blocked = tuple(dict.fromkeys([*eos, *new.extra_eos_token_ids, *p.stop_token_ids]))
+        state = RequestState(new.req_id, row, p, len(new.prompt_token_ids), blocked)
         self.states[new.req_id] = state
         return state
 

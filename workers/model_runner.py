@@ -335,10 +335,7 @@ class ModelRunner:
                 for token_id, bias in p.logit_bias.items():
                     rows.append(i), tokens.append(token_id), values.append(bias)
             if num_outputs[i] < p.min_tokens:
-                blocked = list(p.stop_token_ids)
-                if state.eos_token_id is not None and not p.ignore_eos:
-                    blocked.append(state.eos_token_id)
-                for token_id in blocked:
+                for token_id in state.min_tokens_blocked:
                     rows.append(i), tokens.append(token_id), values.append(float("-inf"))
         if rows:
             md.bias_rows = to_dev(np.array(rows, dtype=np.int64))

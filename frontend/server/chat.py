@@ -69,13 +69,14 @@ async def create_chat_completion(request: Request) -> Response:
     )
     requested, requested_as = body.requested_max_tokens
     max_tokens = resolve_max_tokens(
-        requested, requested_as, len(prompt.token_ids), state.max_model_len, "messages"
+        requested, requested_as, len(prompt.token_ids), state.max_model_len, "messages", state.generation
     )
     params = body.to_sampling_params(
         max_tokens=max_tokens,
         logprobs=body.num_logprobs,
         vocab_size=state.vocab_size,
         kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
+        defaults=state.generation.sampling_defaults(),
     )
     validate_prompt(state, prompt, params, "messages")
     if state.engine.errored:

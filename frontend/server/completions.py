@@ -67,12 +67,22 @@ async def create_completion(request: Request) -> Response:
     prompts = [_prompt(state, item, body.add_special_tokens) for item in body.prompt_inputs()]
     kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
     params = []
+    defaults = state.generation.sampling_defaults()
     for prompt in prompts:
         max_tokens = resolve_max_tokens(
-            body.max_tokens, "max_tokens", len(prompt.token_ids), state.max_model_len, "prompt"
+            body.max_tokens,
+            "max_tokens",
+            len(prompt.token_ids),
+            state.max_model_len,
+            "prompt",
+            state.generation,
         )
         sampling = body.to_sampling_params(
-            max_tokens=max_tokens, logprobs=body.logprobs, vocab_size=state.vocab_size, kind=kind
+            max_tokens=max_tokens,
+            logprobs=body.logprobs,
+            vocab_size=state.vocab_size,
+            kind=kind,
+            defaults=defaults,
         )
         validate_prompt(state, prompt, sampling, "prompt")
         params.append(sampling)

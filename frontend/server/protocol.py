@@ -11,6 +11,7 @@ Field names and defaults follow the OpenAI API plus vLLM's extra sampling parame
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -80,8 +81,21 @@ class _GenerationRequest(_Request, kw_only=True):
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def to_sampling_params(
-        self, *, max_tokens: int, logprobs: int | None, vocab_size: int, kind: RequestOutputKind
+        self,
+        *,
+        max_tokens: int,
+        logprobs: int | None,
+        vocab_size: int,
+        kind: RequestOutputKind,
+        defaults: Mapping[str, float | int],
     ) -> SamplingParams:
+        """The body's SamplingParams. A sampling field the body leaves out (or sends as null) takes
+        the model's default from ``defaults`` (GenerationDefaults.sampling_defaults), else vLLM's."""
+
+        def pick(name: str, neutral: float) -> Any:
+            value = getattr(self, name)
+            return defaults.get(name, neutral) if value is None else value
+
         if self.logit_bias:
             bad = next((t for t in self.logit_bias if not 0 <= t < vocab_size), None)
             if bad is not None:
@@ -92,13 +106,13 @@ class _GenerationRequest(_Request, kw_only=True):
         try:
             return SamplingParams(
                 n=self.n,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=0 if self.top_k is None else self.top_k,
-                min_p=0.0 if self.min_p is None else self.min_p,
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0),
+                min_p=pick("min_p", 0.0),
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
-                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                repetition_penalty=pick("repetition_penalty", 1.0),
                 seed=self.seed,
                 stop=stop,
                 stop_token_ids=list(self.stop_token_ids or ()),

@@ -31,6 +31,7 @@ from frontend.server import ServerConfig
 from frontend.server.errors import APIError, bad_request, from_value_error
 from frontend.server.metrics import ServerMetrics
 from frontend.tokenizer import Tokenizer
+from ipc.config import GenerationDefaults
 from ipc.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ class ServerState:
     @property
     def vocab_size(self) -> int:
         return self.engine.config.model.vocab_size
+
+    @property
+    def generation(self) -> GenerationDefaults:
+        return self.engine.config.model.generation
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.config.served_model_names:
@@ -101,9 +106,17 @@ def sse_error(error: APIError) -> bytes:
 
 
 def resolve_max_tokens(
-    requested: int | None, requested_as: str, prompt_len: int, max_model_len: int, prompt_as: str
+    requested: int | None,
+    requested_as: str,
+    prompt_len: int,
+    max_model_len: int,
+    prompt_as: str,
+    generation: GenerationDefaults,
 ) -> int:
-    """The completion budget, refusing what cannot fit in max_model_len with vLLM's wording."""
+    """The completion budget, refusing what cannot fit in max_model_len with vLLM's wording.
+
+    Unrequested, it is the model's default (its generation config's max_new_tokens) within the
+    room max_model_len leaves, else all that room; ``generation.max_tokens_limit`` caps both."""
     if prompt_len >= max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
@@ -111,16 +124,20 @@ def resolve_max_tokens(
             f"Please reduce the length of the {prompt_as}.",
             prompt_as,
         )
+    room = max_model_len - prompt_len
     if requested is None:
-        return max_model_len - prompt_len
-    if requested > 0 and prompt_len + requested > max_model_len:
+        budget = room if generation.max_tokens is None else min(generation.max_tokens, room)
+    elif requested > 0 and requested > room:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_as}, {requested} in the "
             f"completion). Please reduce the length of the {prompt_as} or completion.",
             requested_as,
         )
-    return requested
+    else:
+        budget = requested
+    limit = generation.max_tokens_limit
+    return budget if limit is None else min(budget, limit)
 
 
 def validate_prompt(state: ServerState, prompt: Prompt, params: SamplingParams, prompt_as: str) -> None:
