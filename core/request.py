@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from core.kv_cache.hashing import prefix_cache_key
 from ipc.messages import EngineCoreRequest, FinishReason, TokenLogprobs
 from ipc.sampling_params import SamplingParams
 
@@ -37,6 +38,9 @@ class Request:
     num_output_placeholders: int = 0
     # Hashes of the full blocks of all_token_ids so far (the prefix-cache chain), append-only.
     block_hashes: list[bytes] = field(default_factory=list)
+    # Mixed into every block hash (core.kv_cache.hashing.prefix_cache_key): requests share cached
+    # KV only when their keys are equal, so tenants (cache_salt) and adapters never share it.
+    prefix_cache_key: bytes = b""
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -54,6 +58,7 @@ class Request:
             arrival_time=req.arrival_time or time.time(),
             priority=req.priority,
             extra_eos_token_ids=tuple(req.extra_eos_token_ids),
+            prefix_cache_key=prefix_cache_key(cache_salt=req.cache_salt),
         )
 
     @property

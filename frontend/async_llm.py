@@ -20,7 +20,7 @@ from core.errors import EngineDeadError
 from frontend.engine_client import EngineCoreClient, EngineDead
 from frontend.output_processor import OutputProcessor
 from frontend.outputs import CompletionOutput, RequestOutput
-from frontend.processor import InputProcessor, PromptType
+from frontend.processor import InputProcessor, PromptType, cache_salt_of, check_cache_salt
 from frontend.stat_logger import LoggingStatLogger
 from frontend.tokenizer import Tokenizer, load_tokenizer
 from ipc.config import EngineConfig
@@ -193,10 +193,12 @@ class AsyncLLM:
         request_id: str,
         *,
         prompt_token_ids: list[int] | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream outputs of one request. ``prompt_token_ids`` skips tokenization (the prompt is
-        then only reported back). Raises ValueError for an invalid request and EngineDeadError
-        if the engine dies; cancelling the consumer aborts the request."""
+        then only reported back). ``cache_salt`` (or a prompt dict's) limits prefix-cache sharing
+        to requests with the same salt. Raises ValueError for an invalid request and
+        EngineDeadError if the engine dies; cancelling the consumer aborts the request."""
         self._bind_loop()
         if self.errored:
             raise EngineDeadError(self.dead_reason or "the engine core is not running")
@@ -205,13 +207,17 @@ class AsyncLLM:
         else:
             text = prompt if isinstance(prompt, str) else None
         self.processor.validate(prompt_token_ids, sampling_params)
+        check_cache_salt(cache_salt)
+        cache_salt = cache_salt or cache_salt_of(prompt)
         if request_id in self._collectors:
             raise ValueError(f"request id {request_id!r} is already in use")
         collector = RequestOutputCollector(sampling_params.output_kind)
         self._collectors[request_id] = collector
         self.output_processor.add_request(request_id, text, prompt_token_ids, sampling_params)
         try:
-            for request in self.processor.make_requests(request_id, prompt_token_ids, sampling_params):
+            for request in self.processor.make_requests(
+                request_id, prompt_token_ids, sampling_params, cache_salt=cache_salt
+            ):
                 self.client.add_request(request)
             while True:
                 output = await collector.get()

@@ -18,7 +18,7 @@ from core.errors import EngineDeadError
 from frontend.engine_client import EngineCoreClient, EngineDead
 from frontend.output_processor import OutputProcessor
 from frontend.outputs import RequestOutput
-from frontend.processor import InputProcessor, PromptType
+from frontend.processor import InputProcessor, PromptType, cache_salt_of
 from frontend.stat_logger import LoggingStatLogger
 from frontend.tokenizer import Tokenizer, load_tokenizer
 from ipc.config import EngineConfig
@@ -170,7 +170,8 @@ class LLM:
         for prompt, params in zip(prompt_list, params_list):
             text, token_ids = self.processor.tokenize_prompt(prompt)
             self.processor.validate(token_ids, params)
-            prepared.append((text, token_ids, params.clone(output_kind=RequestOutputKind.FINAL_ONLY)))
+            salt = cache_salt_of(prompt)
+            prepared.append((text, token_ids, params.clone(output_kind=RequestOutputKind.FINAL_ONLY), salt))
         return self._run(prepared, use_tqdm)
 
     def chat(
@@ -196,14 +197,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(
-        self, prepared: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool
+        self, prepared: list[tuple[str | None, list[int], SamplingParams, str | None]], use_tqdm: bool
     ) -> list[RequestOutput]:
         order: dict[str, int] = {}
-        for position, (text, token_ids, params) in enumerate(prepared):
+        for position, (text, token_ids, params, cache_salt) in enumerate(prepared):
             request_id = str(next(self._ids))
             order[request_id] = position
             self.output_processor.add_request(request_id, text, token_ids, params)
-            for request in self.processor.make_requests(request_id, token_ids, params):
+            for request in self.processor.make_requests(request_id, token_ids, params, cache_salt=cache_salt):
                 self.engine.add_request(request)
         results: list[RequestOutput | None] = [None] * len(prepared)
         bar = tqdm(total=len(prepared), desc="Processed prompts", disable=not use_tqdm or len(prepared) < 2)

@@ -13,6 +13,19 @@ from ipc.messages import EngineCoreRequest
 from ipc.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
+PROMPT_DICT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})
+
+
+def cache_salt_of(prompt: PromptType) -> str | None:
+    """A prompt dict's ``cache_salt`` (vLLM's field), checked: a non-empty string or absent."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    check_cache_salt(salt)
+    return salt
+
+
+def check_cache_salt(salt: object) -> None:
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError("cache_salt must be a non-empty string if provided")
 
 
 class InputProcessor:
@@ -29,6 +42,11 @@ class InputProcessor:
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Returns (prompt text or None, prompt token ids)."""
         if isinstance(prompt, dict):
+            unknown = sorted(set(prompt) - PROMPT_DICT_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"unsupported prompt key(s) {unknown}; a prompt dict takes {sorted(PROMPT_DICT_KEYS)}"
+                )
             if "prompt_token_ids" in prompt:
                 prompt = list(prompt["prompt_token_ids"])
             elif "prompt" in prompt:
@@ -72,6 +90,7 @@ class InputProcessor:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> list[EngineCoreRequest]:
         """One engine request per child; a seeded n > 1 request gives child i the seed + i."""
         arrival_time = arrival_time or time.time()
@@ -86,6 +105,7 @@ class InputProcessor:
                     sampling_params=child_params,
                     eos_token_id=self.eos_token_id,
                     arrival_time=arrival_time,
+                    cache_salt=cache_salt,
                     extra_eos_token_ids=list(self.extra_eos_token_ids),
                 )
             )

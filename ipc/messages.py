@@ -46,6 +46,8 @@ class EngineCoreRequest(_Wire):
     eos_token_id: int | None = None
     arrival_time: float = 0.0
     priority: int = 0
+    # Isolates this request's prefix-cache entries: only requests with the same salt share KV.
+    cache_salt: str | None = None
     # The model's other EOS ids (its generation config's): each ends the request as a stop token
     # (stop_reason the id) unless ignore_eos. min_tokens masks all of them either way, as vLLM.
     extra_eos_token_ids: list[int] = msgspec.field(default_factory=list)

@@ -15,6 +15,18 @@ import numpy as np
 ROOT_HASH = b"pagedserve-prefix-root"
 
 
+def prefix_cache_key(*, cache_salt: str | None = None, lora_name: str | None = None) -> bytes:
+    """The extra key of a request's block hashes: what, besides the tokens, decides whether two
+    requests' KV is interchangeable. Each part is length-prefixed, so no two different
+    (salt, adapter) pairs encode alike; a request with neither has the empty key."""
+    key = b""
+    for tag, value in ((b"s", cache_salt), (b"l", lora_name)):
+        if value is not None:
+            data = value.encode()
+            key += tag + len(data).to_bytes(4, "little") + data
+    return key
+
+
 def hash_block(parent: bytes | None, token_ids: list[int], extra_key: bytes = b"") -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(parent if parent is not None else ROOT_HASH)

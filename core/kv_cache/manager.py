@@ -64,7 +64,9 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         if len(request.block_hashes) < request.num_tokens // self.block_size:
-            extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size)
+            extend_block_hashes(
+                request.block_hashes, request.all_token_ids, self.block_size, request.prefix_cache_key
+            )
 
     # ------------------------------------------------------------------ lookup
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:

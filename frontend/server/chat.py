@@ -131,7 +131,9 @@ class _Chat:
     async def collect(self) -> ChatCompletionResponse:
         choices: list[ChatChoice] = []
         try:
-            async for _, output in merge([generate(self.state, self.prompt, self.params, self.request_id)]):
+            async for _, output in merge(
+                [generate(self.state, self.prompt, self.params, self.request_id, self.body.cache_salt)]
+            ):
                 self.cached_tokens = output.num_cached_tokens
                 for completion in output.outputs:
                     self.num_tokens[completion.index] = len(completion.token_ids)
@@ -176,7 +178,9 @@ class _Chat:
                     [ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))],
                     self._usage() if continuous else None,
                 )
-            async for _, output in merge([generate(self.state, self.prompt, self.params, self.request_id)]):
+            async for _, output in merge(
+                [generate(self.state, self.prompt, self.params, self.request_id, self.body.cache_salt)]
+            ):
                 self.cached_tokens = output.num_cached_tokens
                 for completion in output.outputs:
                     self.num_tokens[completion.index] += len(completion.token_ids)

@@ -132,7 +132,7 @@ class _Completion:
             else [f"{self.request_id}-{i}" for i in range(len(self.prompts))]
         )
         return [
-            generate(self.state, prompt, params, rid)
+            generate(self.state, prompt, params, rid, self.body.cache_salt)
             for prompt, params, rid in zip(self.prompts, self.params, ids)
         ]
 

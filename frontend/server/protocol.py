@@ -67,10 +67,14 @@ class _GenerationRequest(_Request, kw_only=True):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None  # SamplingParams refuses it, saying why
+    # Only requests with the same salt share prefix-cache entries (vLLM's field).
+    cache_salt: str | None = None
 
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options can only be set when stream is true.", "stream_options")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise bad_request("cache_salt must be a non-empty string if provided.", "cache_salt")
 
     @property
     def include_usage(self) -> bool:

@@ -196,7 +196,7 @@ def engine_error(exc: Exception, prompt_as: str = "prompt") -> APIError:
 
 
 async def generate(
-    state: ServerState, prompt: Prompt, params: SamplingParams, request_id: str
+    state: ServerState, prompt: Prompt, params: SamplingParams, request_id: str, cache_salt: str | None
 ) -> AsyncGenerator[RequestOutput, None]:
     """One request on the engine, with its request-level metrics and log line."""
     if not state.config.disable_log_requests:
@@ -204,7 +204,9 @@ async def generate(
     delta = params.output_kind == RequestOutputKind.DELTA
     tokens = [0] * params.n
     outcome: str | None = None
-    stream = state.engine.generate(prompt.text, params, request_id, prompt_token_ids=prompt.token_ids)
+    stream = state.engine.generate(
+        prompt.text, params, request_id, prompt_token_ids=prompt.token_ids, cache_salt=cache_salt
+    )
     try:
         async with contextlib.aclosing(stream):
             async for output in stream:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from core.kv_cache.hashing import prefix_cache_key
 from core.kv_cache.manager import KVCacheManager
 from core.request import Request, RequestStatus
 from core.scheduler import Scheduler
@@ -148,6 +149,7 @@ class Harness:
         request_id: str | None = None,
         eos_token_id: int | None = EOS,
         arrival_time: float | None = None,
+        prefix_cache_key: bytes = b"",
         **params: object,
     ) -> Request:
         rid = request_id or f"req-{next(_ids)}"
@@ -157,6 +159,7 @@ class Harness:
             sampling_params=SamplingParams(**params),  # type: ignore[arg-type]
             eos_token_id=eos_token_id,
             arrival_time=arrival_time if arrival_time is not None else float(next(_ids)),
+            prefix_cache_key=prefix_cache_key,
         )
         self.sched.add_request(req)
         self.all_requests[rid] = req
@@ -631,6 +634,38 @@ def test_outputs_carry_num_cached_tokens() -> None:
     assert h.outputs["a"][0].num_cached_tokens == 0
     assert h.outputs["b"][0].num_cached_tokens == 12
     h.assert_idle()
+
+
+def test_prefix_cache_is_shared_only_under_the_same_extra_key() -> None:
+    """cache_salt and (later) the LoRA adapter are part of a block's identity: equal tokens under
+    another key are a miss, and the same key hits."""
+    h = Harness(block_size=4)
+    shared = prompt_of(12, 3)
+    keys = {
+        "a": prefix_cache_key(cache_salt="tenant-1"),
+        "b": prefix_cache_key(cache_salt="tenant-2"),
+        "c": b"",
+        "d": prefix_cache_key(lora_name="tenant-1"),
+        "e": prefix_cache_key(cache_salt="tenant-1"),
+    }
+    for tail, (rid, key) in enumerate(keys.items()):
+        h.add([*shared, tail], request_id=rid, prefix_cache_key=key, max_tokens=2, ignore_eos=True)
+        h.run()
+    cached = {rid: h.outputs[rid][0].num_cached_tokens for rid in keys}
+    assert cached == {"a": 0, "b": 0, "c": 0, "d": 0, "e": 12}
+    h.assert_idle()
+
+
+def test_prefix_cache_keys_encode_each_part_unambiguously() -> None:
+    keys = [
+        prefix_cache_key(),
+        prefix_cache_key(cache_salt="x"),
+        prefix_cache_key(lora_name="x"),
+        prefix_cache_key(cache_salt="x", lora_name="y"),
+        prefix_cache_key(cache_salt="xl\x01\x00\x00\x00y"),
+    ]
+    assert keys[0] == b""
+    assert len(set(keys)) == len(keys)
 
 
 # --------------------------------------------------------------------------- stats

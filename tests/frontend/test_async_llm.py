@@ -211,3 +211,31 @@ def test_worker_death_fails_every_request_and_leaves_nothing(tiny_model_dir: Pat
         time.sleep(0.1)
     assert not any(_alive(p) for p in [engine_pid, *workers])
     assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+@pytest.mark.timeout(120)
+def test_cache_salt_from_the_prompt_dict_or_the_keyword(tiny_model_dir: Path) -> None:
+    llm = make_llm(tiny_model_dir)
+    prompt = list(range(1, 40))  # four full 8-token blocks
+
+    async def cached(request_id: str, prompt_dict: dict, **kwargs) -> int:
+        num_cached = -1
+        async for out in llm.generate(prompt_dict, delta(2), request_id, **kwargs):
+            num_cached = out.num_cached_tokens
+        return num_cached
+
+    async def main() -> None:
+        assert await cached("a", {"prompt_token_ids": prompt, "cache_salt": "t1"}) == 0
+        assert await cached("b", {"prompt_token_ids": prompt}) == 0
+        assert await cached("c", {"prompt_token_ids": prompt}, cache_salt="t2") == 0
+        assert await cached("d", {"prompt_token_ids": prompt}, cache_salt="t1") == 32
+        assert await cached("e", {"prompt_token_ids": prompt, "cache_salt": "t2"}) == 32
+        with pytest.raises(ValueError, match="cache_salt"):
+            await cached("f", {"prompt_token_ids": prompt, "cache_salt": ""})
+        with pytest.raises(ValueError, match="multi_modal_data"):
+            await cached("g", {"prompt_token_ids": prompt, "multi_modal_data": {}})
+
+    try:
+        asyncio.run(main())
+    finally:
+        llm.shutdown()

@@ -83,6 +83,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str | None, str]] = [
     (CMPL, {"prompt": "hi", "echo": True, "logprobs": 1}, "logprobs", "echo"),
     (CMPL, {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs", "not supported"),
     (CMPL, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "stream"),
+    (CMPL, {"prompt": "hi", "cache_salt": ""}, "cache_salt", "non-empty"),
+    (CHAT, {"messages": USER, "cache_salt": ""}, "cache_salt", "non-empty"),
     (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools"),
     (CHAT, {"messages": USER, "tool_choice": "auto"}, "tool_choice", "not supported"),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, "response_format", "json_object"),

@@ -200,6 +200,26 @@ def test_completion_usage_reports_cached_prompt_tokens(client: httpx.Client) -> 
     assert usage["prompt_tokens_details"]["cached_tokens"] >= 32
 
 
+def test_cache_salt_isolates_the_prefix_cache(client: httpx.Client) -> None:
+    prompt = " ".join(f"salted{i}" for i in range(60))
+    body = {"prompt": prompt, "max_tokens": 2, "ignore_eos": True}
+
+    def cached(**extra: str) -> int:
+        return client.post("/v1/completions", json={**body, **extra}).json()["usage"][
+            "prompt_tokens_details"
+        ]["cached_tokens"]
+
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-b") == 0
+    assert cached() == 0
+    assert cached(cache_salt="tenant-a") >= 32
+    messages = [{"role": "user", "content": prompt}]
+    chat = {"messages": messages, "max_tokens": 2, "cache_salt": "tenant-c"}
+    client.post("/v1/chat/completions", json=chat)
+    usage = client.post("/v1/chat/completions", json=chat).json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 32
+
+
 def test_completion_streaming(client: httpx.Client) -> None:
     body = {"prompt": "Hello world", "max_tokens": 7, "ignore_eos": True, "temperature": 0}
     whole = client.post("/v1/completions", json=body).json()
