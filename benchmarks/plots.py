@@ -3,10 +3,15 @@
     python benchmarks/plots.py [--results-dir benchmarks/results] [--out-dir benchmarks/plots] [--tag h200]
 
 (a) offline_throughput_<tag>.png: output tok/s by model, pagedserve vs vLLM 0.20.1 vs HF
-    transformers (from throughput_*_<tag>.json);
-(b) single_stream_<tag>.png: single-stream ms/token by model, pagedserve vs vLLM (latency_*_<tag>.json);
+    transformers (from throughput_*_<tag>[_*].json);
+(b) single_stream_<tag>.png: single-stream ms/token by model, pagedserve vs vLLM
+    (latency_*_<tag>[_*].json);
 (c) serving_<model>.png: TTFT and TPOT p50/p99 against request rate, pagedserve vs vLLM
     (serving_*.json from benchmarks/serving.py; skipped when there are none).
+
+(a) and (b) draw, per model, the single-GPU files of the build measured last (the newest
+timestamp among a commit's files); where one build has several files (several engines), the
+median of their figures is drawn. The x labels name that commit.
 
 Uses matplotlib's object API (Figure, no pyplot), so no global backend or figure state is touched.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +99,35 @@ def load_results(results_dir: Path, pattern: str) -> list[dict[str, Any]]:
     return records
 
 
+def tagged_results(results_dir: Path, kind: str, tag: str) -> list[dict[str, Any]]:
+    """``<kind>_*_<tag>.json`` and ``<kind>_*_<tag>_<suffix>.json`` (a suffix names the commit or
+    the run), not the files of other machine tags (``<tag>x2``)."""
+    patterns = (f"{kind}_*_{tag}.json", f"{kind}_*_{tag}_*.json")
+    return [record for pattern in patterns for record in load_results(results_dir, pattern)]
+
+
+def tensor_parallel_size(record: dict[str, Any]) -> int:
+    settings = record.get("settings") or {}
+    return int(record.get("tensor_parallel_size") or settings.get("tensor_parallel_size") or 1)
+
+
+def newest_build(records: list[dict[str, Any]]) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """Per model: the commit of the single-GPU build measured last and all its records."""
+    builds: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        if tensor_parallel_size(record) != 1:
+            continue
+        # "b6a9f20 (tree as run; ...)" and full hashes name the same short commit
+        commit = str(record.get("git_commit") or "?").split()[0][:7]
+        builds.setdefault((model_key(str(record["model"])), commit), []).append(record)
+    newest: dict[str, tuple[str, str, list[dict[str, Any]]]] = {}
+    for (model, commit), group in builds.items():
+        stamp = max(str(r.get("timestamp", "")) for r in group)
+        if model not in newest or stamp > newest[model][0]:
+            newest[model] = (stamp, commit, group)
+    return {model: (commit, group) for model, (_, commit, group) in newest.items()}
+
+
 def model_key(name: str) -> str:
     """A preset name from a model label or path (".../presets/llama3-8b" -> "llama3-8b")."""
     return Path(name.rstrip("/")).name
@@ -120,9 +155,11 @@ def device_line(records: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------- drawing helpers
 
 
-def grouped_bars(ax: Axes, models: list[str], series: dict[str, dict[str, float]], fmt: str) -> None:
-    """One group per model, one bar per series that has a value there, centred on the group (a
-    series without a value for a model leaves no gap)."""
+def grouped_bars(
+    ax: Axes, models: list[str], series: dict[str, dict[str, float]], fmt: str, labels: list[str]
+) -> None:
+    """One group per model (x label ``labels[i]``), one bar per series that has a value there,
+    centred on the group (a series without a value for a model leaves no gap)."""
     width = 0.8 / max(1, len(series))
     labelled: set[str] = set()
     for i, model in enumerate(models):
@@ -134,7 +171,7 @@ def grouped_bars(ax: Axes, models: list[str], series: dict[str, dict[str, float]
             labelled.add(name)
             ax.annotate(fmt.format(value), (x, value), ha="center", va="bottom", fontsize=8,
                         xytext=(0, 2), textcoords="offset points")  # fmt: skip
-    ax.set_xticks(range(len(models)), models)
+    ax.set_xticks(range(len(models)), labels)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
 
@@ -150,16 +187,20 @@ def save(fig: Figure, path: Path) -> Path:
 
 
 def plot_offline(results_dir: Path, out_dir: Path, tag: str) -> Path | None:
-    records = load_results(results_dir, f"throughput_*_{tag}.json")
-    if not records:
-        print(f"no throughput_*_{tag}.json in {results_dir}: skipping the offline plot")
+    builds = newest_build(tagged_results(results_dir, "throughput", tag))
+    if not builds:
+        print(f"no single-GPU throughput_*_{tag}*.json in {results_dir}: skipping the offline plot")
         return None
-    ours = {model_key(r["model"]): float(r["output_tokens_per_s"]) for r in records}
+    ours = {
+        model: statistics.median(float(r["output_tokens_per_s"]) for r in group)
+        for model, (_, group) in builds.items()
+    }
+    records = [r for _, group in builds.values() for r in group]
     models = ordered_models(set(ours))
     series = {OURS: ours, **{name: dict(v) for name, v in PEER_OFFLINE_TOK_S.items()}}
     fig = Figure(figsize=(8.5, 5))
     ax = fig.add_subplot()
-    grouped_bars(ax, models, series, "{:,.0f}")
+    grouped_bars(ax, models, series, "{:,.0f}", [f"{m}\n({builds[m][0]})" for m in models])
     for model in models:  # the ratio that matters, above each group
         if model in PEER_OFFLINE_TOK_S[VLLM]:
             ratio = ours[model] / PEER_OFFLINE_TOK_S[VLLM][model]
@@ -181,16 +222,20 @@ def plot_offline(results_dir: Path, out_dir: Path, tag: str) -> Path | None:
 
 
 def plot_single_stream(results_dir: Path, out_dir: Path, tag: str) -> Path | None:
-    records = load_results(results_dir, f"latency_*_{tag}.json")
-    if not records:
-        print(f"no latency_*_{tag}.json in {results_dir}: skipping the single-stream plot")
+    builds = newest_build(tagged_results(results_dir, "latency", tag))
+    if not builds:
+        print(f"no single-GPU latency_*_{tag}*.json in {results_dir}: skipping the single-stream plot")
         return None
-    ours = {model_key(r["model"]): float(r["ms_per_output_token_median"]) for r in records}
+    ours = {
+        model: statistics.median(float(r["ms_per_output_token_median"]) for r in group)
+        for model, (_, group) in builds.items()
+    }
+    records = [r for _, group in builds.values() for r in group]
     models = ordered_models(set(ours))
     series = {OURS: ours, VLLM: dict(PEER_SINGLE_STREAM_MS[VLLM])}
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    grouped_bars(ax, models, series, "{:.2f}")
+    grouped_bars(ax, models, series, "{:.2f}", [f"{m}\n({builds[m][0]})" for m in models])
     for model, bound in SINGLE_STREAM_BOUND_MS.items():
         if model in models:
             i = models.index(model)
@@ -277,8 +322,8 @@ def plot_serving(results_dir: Path, out_dir: Path) -> list[Path]:
     if not records:
         print(f"no serving_*.json in {results_dir}: skipping the online serving plots")
         return []
-    # One point per (engine, model, rate): the newest run (older builds stay on disk as history;
-    # runs of other server settings live in results/variants/, which is not read).
+    # One point per (engine, model, rate): the newest run. Runs of other server settings belong in
+    # results/variants/, which is not read.
     newest: dict[tuple[str, str, float], tuple[str, ServingPoint]] = {}
     for record in records:
         point = serving_point(record)
