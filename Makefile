@@ -1,4 +1,5 @@
-# pagedserve: `make run` sets up and runs the default model, `make test` runs the test suite.
+# pagedserve: `make run` sets up and runs the default model, `make test` runs the test suite,
+# `make lint` checks style and the package layering.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -31,9 +32,11 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+# Style, formatting, and the package layering of DESIGN.md ([tool.importlinter] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -8,17 +8,16 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
 from frontend import LLM, SamplingParams
+from tests.checkpoints import Redraw, save_tiny_model, tiny_config
 
 VOCAB = 96
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = transformers.LlamaConfig(
+    config = tiny_config(
         vocab_size=VOCAB,
         hidden_size=48,
         intermediate_size=96,
@@ -29,15 +28,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eos_token_id=2,
         bos_token_id=1,
     )
-    torch.manual_seed(3)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, 0.3)
     path = tmp_path_factory.mktemp("async-sched")
-    model.save_pretrained(path)
-    return path
+    return save_tiny_model(path, config, seed=3, redraw=Redraw(matrix_std=0.3)).path
 
 
 def workload(n: int = 24, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
 from core.errors import EngineDeadError, WorkerDiedError
 from core.mp_executor import MultiprocExecutor
@@ -49,32 +48,21 @@ BASE = dict(
     tie_word_embeddings=False,
 )
 CONFIGS = {
-    "llama-gqa": ("LlamaConfig", {}),  # 4 heads / 2 KV heads: KV heads split
-    "llama-kv-replicated": ("LlamaConfig", dict(num_key_value_heads=1)),  # 1 KV head: replicated
-    "qwen2-qkv-bias": ("Qwen2Config", {}),
-    "llama-8h-4kv": ("LlamaConfig", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4)),
-    "llama-bad-mlp-split": ("LlamaConfig", dict(intermediate_size=129)),
+    "llama-gqa": ("llama", {}),  # 4 heads / 2 KV heads: KV heads split
+    "llama-kv-replicated": ("llama", dict(num_key_value_heads=1)),  # 1 KV head: replicated
+    "qwen2-qkv-bias": ("qwen2", {}),
+    "llama-8h-4kv": ("llama", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4)),
+    "llama-bad-mlp-split": ("llama", dict(intermediate_size=129)),
 }
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 ENGINE = dict(skip_tokenizer_init=True, num_gpu_blocks_override=128, max_model_len=256, engine_process=False)
 
 
 def make_model(root: Path, name: str) -> Path:
-    import transformers
+    from tests.checkpoints import SHARP, save_tiny_model, tiny_config
 
-    config_cls, overrides = CONFIGS[name]
-    config = getattr(transformers, config_cls)(**{**BASE, **overrides})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # sharper logits than the default init: no argmax near-ties
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, 0.2)
-            else:
-                param.normal_(0.0 if "bias" in str(param) else 1.0, 0.1)
-    path = root / name
-    model.save_pretrained(path)
-    return path
+    arch, overrides = CONFIGS[name]
+    return save_tiny_model(root / name, tiny_config(arch, **{**BASE, **overrides}), redraw=SHARP).path
 
 
 @pytest.fixture(scope="module")

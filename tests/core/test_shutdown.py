@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import transformers
+
+from tests.checkpoints import save_tiny_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +48,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = transformers.LlamaConfig(
+    config = tiny_config(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -56,9 +57,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=128,
     )
-    path = tmp_path_factory.mktemp("tiny-shutdown")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-shutdown"), config).path
 
 
 def _start_frontend(tmp_path: Path, model: Path) -> tuple[subprocess.Popen[str], list[int]]:

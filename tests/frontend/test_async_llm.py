@@ -10,19 +10,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
 from core.errors import EngineDeadError
 from frontend.async_llm import AsyncLLM
 from ipc.sampling_params import RequestOutputKind, SamplingParams
+from tests.checkpoints import save_tiny_model, tiny_config
 
 VOCAB = 128
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = transformers.LlamaConfig(
+    config = tiny_config(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -31,11 +30,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_key_value_heads=1,
         max_position_embeddings=4096,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-async")
-    model.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-async"), config).path
 
 
 def make_llm(path: Path, **kwargs) -> AsyncLLM:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from frontend.cli import main
-from tests.workers.test_loaders import _tiny_llama_config
+from tests.checkpoints import tiny_config
 
 ENGINE_FLAGS = ["--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu",
                 "--max-model-len", "128", "--num-gpu-blocks-override", "64"]  # fmt: skip
@@ -19,7 +19,7 @@ ENGINE_FLAGS = ["--load-format", "dummy", "--skip-tokenizer-init", "--device", "
 def tiny_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A config.json only: --load-format dummy makes the random weights."""
     path = tmp_path_factory.mktemp("tiny-bench")
-    _tiny_llama_config().save_pretrained(path)
+    tiny_config().save_pretrained(path)
     return path
 
 

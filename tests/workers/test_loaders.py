@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFWriter
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
+from tests.checkpoints import RANDOM_VECTORS, save_tiny_model, tiny_config, tiny_state_dict
 from workers.loaders.config import load_hf_config, read_hf_config
 from workers.loaders.gguf import gguf_to_hf_name, hf_to_gguf_name, iter_gguf_weights, unpermute_rope_rows
 from workers.loaders.safetensors_loader import find_weight_files
@@ -56,32 +57,6 @@ def _hf_to_gguf_name(name: str) -> str:
         return f"{glob[stem]}.{kind}"
     _, _, layer, module = stem.split(".", 3)
     return f"blk.{layer}.{block[module]}.{kind}"
-
-
-def _tiny_llama_config(**overrides: object) -> LlamaConfig:
-    kwargs: dict[str, object] = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def _random_state_dict(config: LlamaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    # Norm weights start at exactly 1; randomise them so a mix-up between norms would show.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                param.normal_()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _write_gguf(
@@ -274,8 +249,8 @@ def test_gguf_to_hf_name(gguf_name: str, hf_name: str | None) -> None:
 
 
 def test_hf_to_gguf_name_inverts_the_map() -> None:
-    config = _tiny_llama_config(attention_bias=True)
-    for name in _random_state_dict(config):
+    config = tiny_config(attention_bias=True)
+    for name in tiny_state_dict(config, redraw=RANDOM_VECTORS):
         assert hf_to_gguf_name(name) == _hf_to_gguf_name(name), name
         assert gguf_to_hf_name(hf_to_gguf_name(name)) == name
     for name in (
@@ -302,8 +277,8 @@ def test_unpermute_rejects_bad_head_count() -> None:
 @pytest.mark.parametrize(("arch", "bias"), [("llama", False), ("llama", True), ("qwen2", True)])
 def test_synthetic_gguf_round_trip(tmp_path: Path, arch: str, bias: bool) -> None:
     """HF weights -> (llama.cpp-style conversion) -> GGUF -> our loader == the HF weights."""
-    config = _tiny_llama_config(attention_bias=bias)
-    state = _random_state_dict(config)
+    config = tiny_config(attention_bias=bias)
+    state = tiny_state_dict(config, redraw=RANDOM_VECTORS)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     tensors = _to_gguf_tensors(state, arch, config)
     # RoPE tables with no HF counterpart, which the config determines: must be skipped.
@@ -333,18 +308,9 @@ def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- safetensors / HF dirs
 
 
-def _save_tiny_hf(
-    directory: Path, *, tie: bool = False, **save_kwargs: object
-) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    config = _tiny_llama_config(tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(directory, **save_kwargs)
-    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_safetensors_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config, state = _save_tiny_hf(tmp_path)
+    tiny = save_tiny_model(tmp_path)
+    config, state = tiny.config, tiny.state_dict()
     _no_network(monkeypatch)
     source = resolve_model(str(tmp_path))
     assert source.format == "hf"
@@ -362,14 +328,14 @@ def test_safetensors_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_safetensors_tied_checkpoint_has_no_lm_head(tmp_path: Path) -> None:
-    _, state = _save_tiny_hf(tmp_path, tie=True)
+    state = save_tiny_model(tmp_path, tiny_config(tie_word_embeddings=True)).state_dict()
     loaded = dict(iter_weights(resolve_model(str(tmp_path)), progress=False))
     assert set(state) - set(loaded) == {"lm_head.weight"}
     assert all(torch.equal(loaded[name], state[name]) for name in loaded)
 
 
 def test_sharded_safetensors_honour_the_index(tmp_path: Path) -> None:
-    _, state = _save_tiny_hf(tmp_path, max_shard_size="40KB")
+    state = save_tiny_model(tmp_path, max_shard_size="40KB").state_dict()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1
@@ -387,7 +353,7 @@ def test_sharded_safetensors_honour_the_index(tmp_path: Path) -> None:
 
 
 def test_pytorch_bin_fallback(tmp_path: Path) -> None:
-    _, state = _save_tiny_hf(tmp_path)
+    state = save_tiny_model(tmp_path).state_dict()
     for file in tmp_path.glob("*.safetensors"):
         file.unlink()
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -398,7 +364,7 @@ def test_pytorch_bin_fallback(tmp_path: Path) -> None:
 
 
 def test_hf_directory_without_weights(tmp_path: Path) -> None:
-    _tiny_llama_config().save_pretrained(tmp_path)
+    tiny_config().save_pretrained(tmp_path)
     source = resolve_model(str(tmp_path))
     assert source.format == "hf"
     assert load_hf_config(source).hidden_size == 64  # enough for a dummy load
@@ -435,7 +401,7 @@ def test_llama_config_json_reads_as_transformers_does(preset: str) -> None:
 
 
 def test_sparse_or_foreign_configs_go_through_transformers(tmp_path: Path) -> None:
-    _tiny_llama_config().save_pretrained(tmp_path)
+    tiny_config().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["rms_norm_eps"]  # an omitted key with a default: the fast path still applies
     del config["max_position_embeddings"]  # a required size missing: transformers fills it in

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from frontend import LLM, SamplingParams
+from tests.checkpoints import SHARP, save_tiny_model, tiny_config
 
 VOCAB = 256
 BASE = dict(
@@ -27,10 +27,10 @@ BASE = dict(
 )
 
 CONFIGS = {
-    "llama-gqa-untied": (transformers.LlamaConfig, dict(tie_word_embeddings=False)),
-    "llama-mha-tied": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama-gqa-untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama-mha-tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
     "llama3-rope-scaling": (
-        transformers.LlamaConfig,
+        "llama",
         dict(
             num_key_value_heads=1,
             rope_scaling={
@@ -43,26 +43,16 @@ CONFIGS = {
             rope_theta=500000.0,
         ),
     ),
-    "qwen2-qkv-bias": (transformers.Qwen2Config, dict(tie_word_embeddings=False)),
-    "mistral": (transformers.MistralConfig, dict(sliding_window=None)),
+    "qwen2-qkv-bias": ("qwen2", dict(tie_word_embeddings=False)),
+    "mistral": ("mistral", dict(sliding_window=None)),
 }
 
 
 def make_model(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, torch.nn.Module]:
-    config_cls, overrides = CONFIGS[name]
-    config = config_cls(**{**BASE, **overrides})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    with torch.no_grad():  # sharper logits than the default init: no argmax near-ties
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, 0.2)
-            else:
-                param.normal_(0.0 if "bias" in str(param) else 1.0, 0.1)
-    model.eval()
-    path = tmp_path_factory.mktemp(name)
-    model.save_pretrained(path)
-    return path, model
+    arch, overrides = CONFIGS[name]
+    config = tiny_config(arch, **{**BASE, **overrides})
+    tiny = save_tiny_model(tmp_path_factory.mktemp(name), config, redraw=SHARP)
+    return tiny.path, tiny.model
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
