@@ -47,19 +47,21 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ipc.config import EngineConfig
+from ipc.config import EngineConfig, check_tp_heads
 from ipc.logging_setup import setup_logging
 from ipc.messages import WIRE_SCHEMA_VERSION, Handshake, SchedulerOutput, UtilityCall, UtilityResult
 from ipc.process import use_thread_locks_for_progress_bars
 from ipc.serialization import Decoder, Encoder, WireError
 from ipc.shm_ring import RingClosed, RingHandle, ShmRingReader, ShmRingWriter
+
+if TYPE_CHECKING:
+    from workers.distributed import ParallelGroups
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +107,6 @@ def ring_spin_s(device: str) -> float:
 
 def check_parallel_config(config: EngineConfig) -> None:
     """Refuse, before any process starts, a tensor-parallel size the model cannot be split by."""
-    from workers.models.layers import check_tp_heads
-
     m = config.model
     check_tp_heads(m.num_heads, m.num_kv_heads, config.parallel.tensor_parallel_size)
 
@@ -167,7 +167,7 @@ class WorkerProc:
         self.ring: ShmRingReader | None = None
         self.reply: ShmRingWriter | None = None
         self.reply_handle: RingHandle | None = None
-        self.dist_initialized = False
+        self.groups: ParallelGroups | None = None  # once this rank joined its process groups
         self._encoder = Encoder()
         self._exiting = threading.Event()
         self._launch_first = args.config.device.device == "cuda"
@@ -216,11 +216,11 @@ class WorkerProc:
             self._cleanup()
 
     def _start(self) -> None:
+        # torch and the model code load here, once run() handles SIGTERM, not at import.
         import torch
-        import torch.distributed as dist
 
-        from workers.models.layers import TPGroup
-        from workers.worker import Worker
+        from workers.distributed import init_distributed
+        from workers.worker import Worker, torch_dtype
 
         args = self.args
         config = args.config
@@ -230,37 +230,21 @@ class WorkerProc:
         self.ring = ShmRingReader(
             args.broadcast, self.rank, decoder=Decoder(Any), spin_s=ring_spin_s(config.device.device)
         )
-        tp = TPGroup()
-        if args.world_size > 1:
-            backend = "nccl" if config.device.device == "cuda" else "gloo"
-            kwargs: dict[str, Any] = {}
-            if backend == "nccl":
-                kwargs["device_id"] = torch.device("cuda", args.local_rank)
-            dist.init_process_group(
-                backend,
-                init_method=args.dist_init_method,
-                rank=self.rank,
-                world_size=args.world_size,
-                timeout=timedelta(seconds=args.dist_timeout_s),
-                **kwargs,
-            )
-            self.dist_initialized = True
-            custom = None
-            if backend == "nccl" and not config.parallel.disable_custom_all_reduce:
-                from workers.custom_all_reduce import make_custom_all_reduce
-                from workers.worker import torch_dtype
-
-                custom = make_custom_all_reduce(
-                    dist.group.WORLD,
-                    args.world_size,
-                    torch.device("cuda", args.local_rank),
-                    torch_dtype(config.model.dtype),
-                )
-            tp = TPGroup(
-                rank=self.rank, size=args.world_size, group=dist.group.WORLD, custom_all_reduce=custom
-            )
+        device = (
+            torch.device("cuda", args.local_rank) if config.device.device == "cuda" else torch.device("cpu")
+        )
+        self.groups = init_distributed(
+            rank=self.rank,
+            world_size=args.world_size,
+            device=device,
+            init_method=args.dist_init_method,
+            timeout_s=args.dist_timeout_s,
+            custom_all_reduce_dtype=(
+                None if config.parallel.disable_custom_all_reduce else torch_dtype(config.model.dtype)
+            ),
+        )
         worker_cls = args.worker_cls or Worker
-        self.worker = worker_cls(config, rank=self.rank, tp=tp)
+        self.worker = worker_cls(config, rank=self.rank, tp=self.groups.tp)
         self.worker.load_model()
         self.reply = ShmRingWriter(
             1,
@@ -385,11 +369,8 @@ class WorkerProc:
         if self.worker is not None:
             with contextlib.suppress(Exception):
                 self.worker.shutdown()
-        if self.dist_initialized:
-            import torch.distributed as dist
-
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        if self.groups is not None:
+            self.groups.destroy()
 
     # ------------------------------------------------------------------ signals and the parent
 

@@ -21,7 +21,7 @@ from transformers import LlamaConfig
 from core.engine_args import EngineArgs
 from ipc.config import ModelConfig
 from tests.workers.test_loaders import _random_state_dict, _tiny_llama_config, _to_gguf_tensors, _write_gguf
-from workers.models.layers import TPGroup
+from workers.distributed import TPGroup
 from workers.models.registry import build_model, load_model_weights
 
 State = dict[str, torch.Tensor]
