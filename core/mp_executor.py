@@ -1,4 +1,5 @@
-"""MultiprocExecutor: one worker process per tensor-parallel rank (``workers/worker_proc.py``).
+"""MultiprocExecutor: one worker process per tensor-parallel rank (``workers/worker_proc.py``,
+started by name), over the channel of ``ipc/worker_channel.py``.
 
     engine core ──broadcast ShmRingWriter──▶ rank 0 .. world_size-1   (SchedulerOutput, UtilityCall)
     rank r ──its reply ShmRingWriter──▶ engine core                    (rank 0: ModelRunnerOutput;
@@ -35,20 +36,24 @@ from typing import Any
 import msgspec
 
 from core.errors import EngineDeadError, WorkerDiedError
-from ipc.config import EngineConfig
+from ipc.config import EngineConfig, check_tp_heads
 from ipc.messages import Handshake, ModelRunnerOutput, SchedulerOutput, UtilityCall, UtilityResult
 from ipc.process import ChildProcess, start_process
 from ipc.serialization import Decoder, Encoder, WireError, check_wire_version
 from ipc.shm_ring import RingClosed, RingHandle, ShmRingReader, ShmRingWriter
-from ipc.zmq_utils import IpcDir
-from workers.worker_proc import (
+from ipc.worker_channel import (
+    BROADCAST_SLOT_BYTES,
+    BROADCAST_SLOTS,
     EXECUTE_CALL_ID,
     MsgKind,
     WorkerProcArgs,
-    check_parallel_config,
+    encode_message,
     remove_ring_files,
     ring_spin_s,
+    split_message,
+    split_startup,
 )
+from ipc.zmq_utils import IpcDir
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +62,9 @@ SHUTDOWN_GRACE_S = 5.0  # for workers to leave on their own once the ring is clo
 TERM_GRACE_S = 2.0  # after SIGTERM, before SIGKILL
 # How long a call that saw its channel close waits for the monitor to name the dead rank.
 _DEATH_REPORT_WAIT_S = 1.0
-
-BROADCAST_SLOTS = 8
-BROADCAST_SLOT_BYTES = 1 << 20
+# The worker process's entry point, started by name: the executor imports nothing of workers/.
+WORKER_ENTRY_MODULE = "workers.worker_proc"
+WORKER_ENTRY_FUNCTION = "worker_main"
 
 
 class WorkerStartupError(RuntimeError):
@@ -130,14 +135,15 @@ class MultiprocExecutor:
     ) -> None:
         if config.parallel.pipeline_parallel_size != 1:
             raise ValueError("pipeline parallelism is not supported yet")
-        check_parallel_config(config)  # a bad split fails here, before any process starts
+        # A bad split fails here, before any process starts.
+        check_tp_heads(
+            config.model.num_heads, config.model.num_kv_heads, config.parallel.tensor_parallel_size
+        )
         self.config = config
         self.world_size = config.parallel.world_size
         self._encoder = Encoder()
         self._output_decoder: Decoder[ModelRunnerOutput] = Decoder(ModelRunnerOutput)
         self._result_decoder: Decoder[UtilityResult] = Decoder(UtilityResult)
-        self._execute_frame = MsgKind.EXECUTE.frame
-        self._utility_frame = MsgKind.UTILITY.frame
         self._call_ids = itertools.count()
         self._workers: list[_Worker] = []
         self._unanswered: collections.deque[_PendingOutput] = collections.deque()
@@ -204,8 +210,8 @@ class MultiprocExecutor:
             try:
                 proc = start_process(
                     f"pagedserve-worker-{rank}",
-                    "workers.worker_proc",
-                    "worker_main",
+                    WORKER_ENTRY_MODULE,
+                    WORKER_ENTRY_FUNCTION,
                     (args,),
                     pass_fds=(child_conn.fileno(),),
                 )
@@ -255,10 +261,10 @@ class MultiprocExecutor:
             data = worker.conn.recv_bytes()
         except (EOFError, OSError):
             return None
-        if not data:
-            raise WireError(f"worker rank {worker.rank}: empty startup message")
-        view = memoryview(data)
-        return view[0], view[1:]
+        try:
+            return split_startup(data)
+        except WireError as e:
+            raise WireError(f"worker rank {worker.rank}: {e}") from None
 
     def _raise_startup_failure(self, worker: _Worker, body: memoryview) -> None:
         failure = self._result_decoder.decode([body])
@@ -287,7 +293,7 @@ class MultiprocExecutor:
         if self._died.is_set() or self._failure is not None:
             raise self._dead_error()
         try:
-            self._ring.enqueue_frames([self._execute_frame, *self._encoder.encode(scheduler_output)])
+            self._ring.enqueue_frames(encode_message(self._encoder, MsgKind.EXECUTE, scheduler_output))
         except RingClosed:
             raise self._dead_error() from None
         pending = _PendingOutput(self)
@@ -304,10 +310,11 @@ class MultiprocExecutor:
             frames = reply.dequeue_frames()  # type: ignore[union-attr]
         except RingClosed:
             raise self._dead_error() from None
-        if frames[0][0] != MsgKind.OUTPUT:
+        kind, body = split_message(frames)
+        if kind != MsgKind.OUTPUT:
             # Rank 0 reported an execute_model failure (it exits right after).
-            raise self._dead_error(first_report=(0, self._result_decoder.decode(frames[1:]).error or ""))
-        pending.output = self._output_decoder.decode(frames[1:])
+            raise self._dead_error(first_report=(0, self._result_decoder.decode(body).error or ""))
+        pending.output = self._output_decoder.decode(body)
         self._unanswered.popleft()
 
     def _drain_outputs(self) -> None:
@@ -354,12 +361,12 @@ class MultiprocExecutor:
         results: list[Any] = []
         errors: list[str] = []
         try:
-            self._ring.enqueue_frames([self._utility_frame, *self._encoder.encode(call)], timeout)
+            self._ring.enqueue_frames(encode_message(self._encoder, MsgKind.UTILITY, call), timeout)
             for worker in self._workers:
-                frames = worker.reply.dequeue_frames(timeout)  # type: ignore[union-attr]
-                if frames[0][0] != MsgKind.RESULT:
-                    raise WireError(f"worker rank {worker.rank} answered {method} with kind {frames[0][0]}")
-                result = self._result_decoder.decode(frames[1:])
+                kind, body = split_message(worker.reply.dequeue_frames(timeout))  # type: ignore[union-attr]
+                if kind != MsgKind.RESULT:
+                    raise WireError(f"worker rank {worker.rank} answered {method} with kind {kind}")
+                result = self._result_decoder.decode(body)
                 if result.call_id != call.call_id:
                     raise WireError(
                         f"worker rank {worker.rank} answered call {result.call_id}, expected {call.call_id}"
@@ -449,8 +456,9 @@ class MultiprocExecutor:
                     frames = worker.reply.dequeue_frames(timeout=0)
                 except (RingClosed, TimeoutError, OSError):
                     break
-                if frames[0][0] == MsgKind.RESULT:
-                    result = self._result_decoder.decode(frames[1:])
+                kind, body = split_message(frames)
+                if kind == MsgKind.RESULT:
+                    result = self._result_decoder.decode(body)
                     if result.call_id == EXECUTE_CALL_ID and result.error:
                         reports.append((worker.rank, result.error))
         return reports

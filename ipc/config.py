@@ -110,6 +110,27 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
+    """Raise ValueError unless ``tp_size`` divides the query heads and divides, or is a multiple of,
+    the KV heads (a rank holds whole heads; KV heads fewer than the ranks are replicated). The
+    executor checks this before it starts worker processes, so a bad tensor_parallel_size fails at
+    once in the parent rather than in every rank; the attention layers check it again."""
+    if num_heads % tp_size:
+        raise ValueError(
+            f"number of attention heads ({num_heads}) is not divisible by tensor_parallel_size ({tp_size})"
+        )
+    if num_kv_heads >= tp_size:
+        if num_kv_heads % tp_size:
+            raise ValueError(
+                f"number of KV heads ({num_kv_heads}) is not divisible by tensor_parallel_size ({tp_size})"
+            )
+    elif tp_size % num_kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size ({tp_size}) must divide the number of KV heads ({num_kv_heads}) "
+            f"or be a multiple of it"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceConfig:
     device: str = "cpu"  # "cpu" or "cuda"

@@ -14,8 +14,9 @@ import torch
 from ipc.config import EngineConfig
 from ipc.messages import ModelRunnerOutput, SchedulerOutput
 from kernels.gemm import MIN_GAIN, MIN_TUNED_WEIGHT_BYTES, tune_gemm_plan
+from workers.distributed import TPGroup
 from workers.model_runner import ModelRunner, PendingStep, capture_sizes, compile_threads
-from workers.models.layers import TPGroup, attach_gemm_plan, linear_weights
+from workers.models.layers import attach_gemm_plan, linear_weights
 from workers.models.registry import build_model, load_model_weights
 
 logger = logging.getLogger(__name__)

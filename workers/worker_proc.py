@@ -1,26 +1,5 @@
-"""The worker process: one per tensor-parallel rank, started by core.mp_executor.MultiprocExecutor.
-
-Channels (every message is ``[kind byte, *ipc.serialization frames]``; the kind byte says which
-Decoder reads the rest, since the array_like wire structs carry no tag of their own)::
-
-    executor ──ShmRingWriter (1 writer, world_size readers)──▶ every rank
-                 EXECUTE  SchedulerOutput      every rank runs it; the collectives keep them in step
-                 UTILITY  UtilityCall          every rank runs it and answers
-    rank r   ──its own ShmRingWriter (1 reader: the executor)──▶ executor
-                 OUTPUT   ModelRunnerOutput    rank 0 only, one per EXECUTE, in order; step N's
-                                               may follow step N+1's launch (async scheduling)
-                 RESULT   UtilityResult        every rank per UTILITY; any rank whose
-                                               execute_model raised (call_id EXECUTE_CALL_ID)
-    rank r   ──multiprocessing Pipe (startup, then parent-death detection)──▶ executor
-                 READY    Handshake            info carries the rank's reply-ring handle
-                 FAILED   UtilityResult        the startup error (type, message, traceback)
-
-Why a reply ring rather than a ZeroMQ PUSH socket: the reply sits on the critical path of every
-step, and the ring answers in one shared-memory hop (microseconds while the executor spins, one
-FIFO write when it sleeps), where ZeroMQ adds two I/O-thread hops (measured ~0.45 ms against
-~0.08 ms on the dev box; see ipc/shm_ring.py). The price is a shm segment owned by the worker:
-a worker that dies hard cannot unlink it, so the executor removes it after the worker has gone
-(:func:`remove_ring_files`).
+"""The worker process: one per rank, started by core.mp_executor.MultiprocExecutor through
+:func:`worker_main`. What it exchanges with the executor, and how, is ipc/worker_channel.py.
 
 A failure in ``execute_model`` leaves this rank's persistent batch, and possibly a collective, half
 done, so it is fatal: the rank reports the traceback on its reply ring and exits with code 1. The
@@ -35,122 +14,46 @@ and the parent owns the orderly shutdown.
 
 from __future__ import annotations
 
-import _posixshmem
 import contextlib
-import enum
-import glob
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
-from datetime import timedelta
-from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ipc.config import EngineConfig
 from ipc.logging_setup import setup_logging
 from ipc.messages import WIRE_SCHEMA_VERSION, Handshake, SchedulerOutput, UtilityCall, UtilityResult
 from ipc.process import use_thread_locks_for_progress_bars
 from ipc.serialization import Decoder, Encoder, WireError
 from ipc.shm_ring import RingClosed, RingHandle, ShmRingReader, ShmRingWriter
+from ipc.worker_channel import (
+    EXECUTE_CALL_ID,
+    REPLY_RING_SLOT_BYTES,
+    REPLY_RING_SLOTS,
+    STARTUP_CALL_ID,
+    MsgKind,
+    WorkerProcArgs,
+    encode_message,
+    encode_startup,
+    remove_ring_files,
+    ring_spin_s,
+    split_message,
+)
+
+if TYPE_CHECKING:
+    from workers.distributed import ParallelGroups
 
 logger = logging.getLogger(__name__)
-
-
-class MsgKind(enum.IntEnum):
-    """The first frame (one byte) of every executor <-> worker message."""
-
-    EXECUTE = 0  # SchedulerOutput, broadcast
-    UTILITY = 1  # UtilityCall, broadcast
-    OUTPUT = 2  # ModelRunnerOutput, rank 0 -> executor
-    RESULT = 3  # UtilityResult, any rank -> executor
-    READY = 4  # Handshake, startup pipe
-    FAILED = 5  # UtilityResult, startup pipe
-
-    @property
-    def frame(self) -> bytes:
-        return bytes((self.value,))
-
-
-EXECUTE_CALL_ID = -1  # call_id of the UtilityResult that reports a failed execute_model
-STARTUP_CALL_ID = -2  # call_id of the FAILED startup report
-
-# The reply ring: one small message per step (token ids; logprobs when asked), larger ones
-# take the ring's overflow path.
-REPLY_RING_SLOTS = 4
-REPLY_RING_SLOT_BYTES = 256 << 10
 
 # After the parent dies, how long the main thread gets to clean up after itself (it may be
 # inside a collective that only returns when a peer's connection drops) before a hard exit.
 _PARENT_DEATH_GRACE_S = 5.0
 _PARENT_POLL_S = 1.0
-
-
-def ring_spin_s(device: str) -> float:
-    """How long a ring reader spins before it sleeps, for readers on either side of the channel.
-
-    On CUDA the host mostly waits for the GPU, so spinning costs an otherwise idle core and saves a
-    wake-up per message. On CPU the cores do the model's work, and a waiter that spins through a
-    forward pass takes cycles from the very ranks it waits for: spin only across the short gaps
-    between steps (schedule + update), then sleep."""
-    return 0.05 if device == "cuda" else 0.002
-
-
-def check_parallel_config(config: EngineConfig) -> None:
-    """Refuse, before any process starts, a tensor-parallel size the model cannot be split by."""
-    from workers.models.layers import check_tp_heads
-
-    m = config.model
-    check_tp_heads(m.num_heads, m.num_kv_heads, config.parallel.tensor_parallel_size)
-
-
-def remove_ring_files(handle: RingHandle) -> bool:
-    """Unlink what a ring writer left behind (its segment, overflow segments, wake-up FIFOs) after
-    the writer's process has gone without closing it. Returns whether anything was left.
-
-    Only for a writer that is dead: a live one still uses these names."""
-    removed = False
-    names = [handle.name]
-    if os.path.isdir("/dev/shm"):  # overflow segments are named "<ring>_o<slot>_<generation>"
-        names += [os.path.basename(p) for p in glob.glob(f"/dev/shm/{glob.escape(handle.name)}_o*")]
-    for name in names:
-        try:
-            _posixshmem.shm_unlink("/" + name)
-        except FileNotFoundError:
-            continue
-        removed = True
-        # The segment was registered with the resource tracker that this process tree shares;
-        # forget it there too, or the tracker warns about a leak (and unlinks again) at exit.
-        with contextlib.suppress(Exception):
-            resource_tracker.unregister("/" + name, "shared_memory")
-    if os.path.isdir(handle.wake_dir):
-        shutil.rmtree(handle.wake_dir, ignore_errors=True)
-        removed = True
-    return removed
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerProcArgs:
-    """Everything a worker process starts from (pickled once, by ipc.process.start_process)."""
-
-    config: EngineConfig
-    rank: int
-    local_rank: int  # the device index on this host
-    world_size: int
-    dist_init_method: str  # torch.distributed rendezvous (file:// or tcp://), chosen by the executor
-    broadcast: RingHandle  # the executor's broadcast ring
-    conn_fd: int  # a Connection's fd: startup reports out; EOF means the executor's process is gone
-    parent_pid: int
-    worker_cls: type | None = None  # workers.worker.Worker unless a test or benchmark swaps it
-    log_level: int = logging.WARNING
-    dist_timeout_s: float = 600.0
 
 
 class _Stop(BaseException):
@@ -167,7 +70,7 @@ class WorkerProc:
         self.ring: ShmRingReader | None = None
         self.reply: ShmRingWriter | None = None
         self.reply_handle: RingHandle | None = None
-        self.dist_initialized = False
+        self.groups: ParallelGroups | None = None  # once this rank joined its process groups
         self._encoder = Encoder()
         self._exiting = threading.Event()
         self._launch_first = args.config.device.device == "cuda"
@@ -216,11 +119,11 @@ class WorkerProc:
             self._cleanup()
 
     def _start(self) -> None:
+        # torch and the model code load here, once run() handles SIGTERM, not at import.
         import torch
-        import torch.distributed as dist
 
-        from workers.models.layers import TPGroup
-        from workers.worker import Worker
+        from workers.distributed import init_distributed
+        from workers.worker import Worker, torch_dtype
 
         args = self.args
         config = args.config
@@ -230,37 +133,21 @@ class WorkerProc:
         self.ring = ShmRingReader(
             args.broadcast, self.rank, decoder=Decoder(Any), spin_s=ring_spin_s(config.device.device)
         )
-        tp = TPGroup()
-        if args.world_size > 1:
-            backend = "nccl" if config.device.device == "cuda" else "gloo"
-            kwargs: dict[str, Any] = {}
-            if backend == "nccl":
-                kwargs["device_id"] = torch.device("cuda", args.local_rank)
-            dist.init_process_group(
-                backend,
-                init_method=args.dist_init_method,
-                rank=self.rank,
-                world_size=args.world_size,
-                timeout=timedelta(seconds=args.dist_timeout_s),
-                **kwargs,
-            )
-            self.dist_initialized = True
-            custom = None
-            if backend == "nccl" and not config.parallel.disable_custom_all_reduce:
-                from workers.custom_all_reduce import make_custom_all_reduce
-                from workers.worker import torch_dtype
-
-                custom = make_custom_all_reduce(
-                    dist.group.WORLD,
-                    args.world_size,
-                    torch.device("cuda", args.local_rank),
-                    torch_dtype(config.model.dtype),
-                )
-            tp = TPGroup(
-                rank=self.rank, size=args.world_size, group=dist.group.WORLD, custom_all_reduce=custom
-            )
+        device = (
+            torch.device("cuda", args.local_rank) if config.device.device == "cuda" else torch.device("cpu")
+        )
+        self.groups = init_distributed(
+            rank=self.rank,
+            world_size=args.world_size,
+            device=device,
+            init_method=args.dist_init_method,
+            timeout_s=args.dist_timeout_s,
+            custom_all_reduce_dtype=(
+                None if config.parallel.disable_custom_all_reduce else torch_dtype(config.model.dtype)
+            ),
+        )
         worker_cls = args.worker_cls or Worker
-        self.worker = worker_cls(config, rank=self.rank, tp=tp)
+        self.worker = worker_cls(config, rank=self.rank, tp=self.groups.tp)
         self.worker.load_model()
         self.reply = ShmRingWriter(
             1,
@@ -292,10 +179,10 @@ class WorkerProc:
             except RingClosed as e:
                 logger.info("worker rank %d: %s; exiting", rank, e)
                 return 0
-            kind = frames[0][0]
+            kind, body = split_message(frames)
             if kind == MsgKind.EXECUTE:
                 try:
-                    step = worker.execute_model_async(so_decoder.decode(frames[1:]))
+                    step = worker.execute_model_async(so_decoder.decode(body))
                 except Exception:
                     self._report_failure()
                     return 1
@@ -307,9 +194,9 @@ class WorkerProc:
                     if not self._answer(pending):
                         return 1
                     pending = None
-                call = call_decoder.decode(frames[1:])
+                call = call_decoder.decode(body)
                 result = self._run_utility(call)
-                self.reply.enqueue_frames([MsgKind.RESULT.frame, *self._encoder.encode(result)])
+                self.reply.enqueue_frames(encode_message(self._encoder, MsgKind.RESULT, result))
                 if call.method == "shutdown" and result.error is None:
                     return 0
             else:
@@ -342,7 +229,7 @@ class WorkerProc:
             return False
         if self.rank == 0:
             assert self.reply is not None
-            self.reply.enqueue_frames([MsgKind.OUTPUT.frame, *self._encoder.encode(output)])
+            self.reply.enqueue_frames(encode_message(self._encoder, MsgKind.OUTPUT, output))
         return True
 
     def _report_failure(self) -> None:
@@ -351,7 +238,7 @@ class WorkerProc:
         error = UtilityResult(call_id=EXECUTE_CALL_ID, error=traceback.format_exc())
         assert self.reply is not None
         with contextlib.suppress(RingClosed, TimeoutError):
-            self.reply.enqueue_frames([MsgKind.RESULT.frame, *self._encoder.encode(error)], timeout=5.0)
+            self.reply.enqueue_frames(encode_message(self._encoder, MsgKind.RESULT, error), timeout=5.0)
 
     def _run_utility(self, call: UtilityCall) -> UtilityResult:
         try:
@@ -366,11 +253,9 @@ class WorkerProc:
             return UtilityResult(call_id=call.call_id, error=traceback.format_exc())
 
     def _send_startup(self, kind: MsgKind, msg: msgspec.Struct) -> None:
-        frames = self._encoder.encode(msg)
-        if len(frames) != 1:
-            raise WireError("startup messages must not carry arrays")
+        data = encode_startup(self._encoder, kind, msg)
         try:
-            self.conn.send_bytes(kind.frame + bytes(frames[0]))
+            self.conn.send_bytes(data)
         except OSError:
             logger.warning("worker rank %d: the executor is gone; could not report %s", self.rank, kind.name)
 
@@ -385,11 +270,8 @@ class WorkerProc:
         if self.worker is not None:
             with contextlib.suppress(Exception):
                 self.worker.shutdown()
-        if self.dist_initialized:
-            import torch.distributed as dist
-
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        if self.groups is not None:
+            self.groups.destroy()
 
     # ------------------------------------------------------------------ signals and the parent
 

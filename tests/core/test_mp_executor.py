@@ -158,6 +158,28 @@ def test_smollm2_tp3_matches_tp1() -> None:
     assert generate("smollm2-135m-instruct", tensor_parallel_size=3, **kwargs) == expected
 
 
+# ------------------------------------------------------------------------------ the seam to workers/
+
+
+def test_executor_reaches_workers_only_by_the_entry_point_name() -> None:
+    """core.mp_executor imports nothing of workers/ (the channel is ipc.worker_channel); the worker
+    process's entry point it names exists and takes the start-up payload."""
+    script = (
+        "import importlib, inspect, sys; import core.mp_executor as m; "
+        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'workers')); "
+        "f = getattr(importlib.import_module(m.WORKER_ENTRY_MODULE), m.WORKER_ENTRY_FUNCTION); "
+        "print(list(inspect.signature(f).parameters), inspect.signature(f).parameters['args'].annotation)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    imported_by_executor, entry = result.stdout.splitlines()
+    assert imported_by_executor == "[]"
+    assert entry == "['args'] WorkerProcArgs"
+
+
 # ------------------------------------------------------------------------------ startup errors
 
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from kernels import gemm
 from kernels.triton.linear import LinearConfig, candidate_configs
+from workers.distributed import TPGroup
 from workers.models.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
-    TPGroup,
     attach_gemm_plan,
     linear_weights,
 )

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from workers.custom_all_reduce import make_custom_all_reduce
-from workers.models.layers import TPGroup
+from workers.distributed import TPGroup
 
 
 def _rank(rank: int, world: int, init: str, dtype: torch.dtype, results: dict) -> None:

@@ -22,7 +22,7 @@ from core.engine_args import EngineArgs
 from ipc.config import ModelConfig
 from tests.checkpoints import RANDOM_VECTORS, tiny_config, tiny_state_dict
 from tests.workers.test_loaders import _to_gguf_tensors, _write_gguf
-from workers.models.layers import TPGroup
+from workers.distributed import TPGroup
 from workers.models.registry import build_model, load_model_weights
 
 State = dict[str, torch.Tensor]

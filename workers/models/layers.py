@@ -9,65 +9,21 @@ With ``tp.size == 1`` every layer is a plain linear / embedding and no collectiv
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ipc.config import check_tp_heads
 from kernels.gemm import GemmPlan
+from workers.distributed import TPGroup
 from workers.models.weight_loading import WHOLE, ParamLoader, set_loader
-
-
-@dataclass(frozen=True, slots=True)
-class TPGroup:
-    rank: int = 0
-    size: int = 1
-    group: Any = None  # a torch.distributed ProcessGroup when size > 1
-    # workers.custom_all_reduce.SymmMemAllReduce for small messages on CUDA, or None (NCCL/gloo)
-    custom_all_reduce: Any = None
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            custom = self.custom_all_reduce
-            if custom is not None and custom.can_reduce(x):
-                return custom.all_reduce(x)
-            dist.all_reduce(x, group=self.group)
-        return x
-
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        x = x.contiguous()
-        if x.is_cuda:  # one gather into one buffer, then the ranks' slices side by side
-            out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
-            dist.all_gather_into_tensor(out, x, group=self.group)
-            return out.movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x, group=self.group)
-        return torch.cat(parts, dim=-1)
 
 
 def _divide(a: int, b: int, what: str) -> int:
     if a % b:
         raise ValueError(f"{what} ({a}) is not divisible by tensor_parallel_size ({b})")
     return a // b
-
-
-def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
-    """Raise ValueError unless ``tp_size`` divides the query heads and divides, or is a multiple of,
-    the KV heads. The executor calls this before it starts worker processes, so a bad
-    tensor_parallel_size fails at once in the parent rather than in every rank."""
-    _divide(num_heads, tp_size, "number of attention heads")
-    if num_kv_heads >= tp_size:
-        _divide(num_kv_heads, tp_size, "number of KV heads")
-    elif tp_size % num_kv_heads:
-        raise ValueError(
-            f"tensor_parallel_size ({tp_size}) must divide the number of KV heads ({num_kv_heads}) "
-            f"or be a multiple of it"
-        )
 
 
 class ColumnParallelLinear(nn.Module):

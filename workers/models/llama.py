@@ -16,12 +16,12 @@ from torch import nn
 
 from kernels import ops
 from kernels.reference import build_rope_cache
+from workers.distributed import TPGroup
 from workers.models.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
-    TPGroup,
     VocabParallelEmbedding,
 )
 from workers.models.weight_loading import CheckpointLayout, StackedShard, load_checkpoint

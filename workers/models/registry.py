@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ipc.config import ModelConfig
+from workers.distributed import TPGroup
 from workers.models.architectures import SUPPORTED_ARCHITECTURES, check_architecture
-from workers.models.layers import TPGroup
 from workers.models.llama import LlamaForCausalLM, dummy_checkpoint
 
 logger = logging.getLogger(__name__)
