@@ -25,7 +25,8 @@ class QuantizationConfig:
     the checkpoint's ``quantization_config`` settings that instance is made from."""
 
     method: type[LinearMethod] = UnquantizedLinearMethod
-    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Compared, not hashed (a mapping has no hash): equal configs still hash alike.
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     @property
     def name(self) -> str:
