@@ -1,7 +1,9 @@
 """The kernel entry points the model calls.
 
 Each op runs its Triton kernel on CUDA tensors and the plain-torch reference (kernels/reference.py,
-same signature) everywhere else. The model never chooses an implementation itself.
+same signature) everywhere else. The model never chooses an implementation itself. ``linear`` is
+the one way into a GEMM: torch's (cuBLAS on CUDA) on every device, unless the plan measured at
+start-up chose another implementation for the shape (kernels/gemm.py).
 
 The Triton modules are imported lazily, on the first CUDA call: ``triton.jit`` reads TRITON_INTERPRET
 when a kernel is decorated, and the CPU engine should neither depend on that nor pay for it.
@@ -14,6 +16,7 @@ from types import ModuleType
 
 import torch
 
+from kernels.gemm import GemmPlan, torch_linear
 from kernels.reference import (
     fused_add_rms_norm_ref,
     paged_attention_ref,
@@ -31,6 +34,19 @@ def _triton(name: str) -> ModuleType:
     if module is None:
         module = _modules[name] = importlib.import_module(f"kernels.triton.{name}")
     return module
+
+
+def linear(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    out: torch.Tensor | None = None,  # [M, N], written when given
+    plan: GemmPlan | None = None,
+) -> torch.Tensor:
+    """``x W^T (+ b)``, into ``out`` when given: the GEMM ``plan`` chose for this shape, or torch's."""
+    if plan is None:
+        return torch_linear(x, weight, bias, out)
+    return plan.linear(x, weight, bias, out)
 
 
 def paged_attention(

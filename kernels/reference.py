@@ -1,7 +1,9 @@
 """Plain-torch reference implementations of every kernel.
 
 These are the executable specification: each Triton kernel in ``kernels/triton/`` has the same
-signature and is tested against the function here. On CPU the engine runs these directly.
+signature (less its launch configuration) and is tested against the function here. On CPU the
+engine runs these directly, except ``linear_ref``: projections run torch's GEMM on every device
+(``kernels.ops.linear``), and the Triton GEMM is one that a measured plan may choose on CUDA.
 
 KV cache layout (decided once, used everywhere):
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]  (NHD, one pair per layer)
@@ -28,12 +30,15 @@ def linear_ref(
     bias: torch.Tensor | None = None,  # [N]
     out: torch.Tensor | None = None,  # [M, N], written when given
 ) -> torch.Tensor:
-    """``F.linear``, optionally into a caller's buffer (the same GEMM, no copy)."""
+    """``x W^T (+ b)`` as a plain matmul in fp32, rounded once to x's dtype: the specification of
+    the Triton GEMM (kernels/triton/linear.py), which accumulates in fp32 the same way. The engine
+    runs torch's own GEMM (``kernels.gemm.torch_linear``, cuBLAS on CUDA), not this."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y += bias.float()
     if out is None:
-        return F.linear(x, weight, bias)
-    if bias is None:
-        return torch.mm(x, weight.t(), out=out)
-    return torch.addmm(bias, x, weight.t(), out=out)
+        return y.to(x.dtype)
+    return out.copy_(y)
 
 
 def write_kv_ref(

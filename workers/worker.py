@@ -16,8 +16,9 @@ from ipc.messages import ModelRunnerOutput, SchedulerOutput
 from kernels.gemm import MIN_GAIN, MIN_TUNED_WEIGHT_BYTES, tune_gemm_plan
 from workers.distributed import TPGroup
 from workers.model_runner import ModelRunner, PendingStep, capture_sizes, compile_threads
-from workers.models.layers import attach_gemm_plan, linear_weights
+from workers.models.layers import linear_layers
 from workers.models.registry import build_model, load_model_weights
+from workers.quantization import attach_gemm_plan, gemm_weights
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +86,16 @@ class Worker:
             )
 
     def _tune_gemms(self) -> None:
-        """Time cuBLAS, cuBLASLt and the Triton GEMM on the model's weights at every decode batch
-        size that gets a CUDA graph, and let the linears run the winners (kernels/gemm.py)."""
+        """Time cuBLAS, cuBLASLt and the Triton GEMM on the unquantized linears' weights at every
+        decode batch size that gets a CUDA graph, and let those linears run the winners
+        (kernels/gemm.py)."""
         start = time.perf_counter()
         sizes = [s for s in capture_sizes(self.config.scheduler.max_num_seqs) if s <= GEMM_TUNING_MAX_ROWS]
+        layers = list(linear_layers(self.model))
         with torch.inference_mode():
-            plan = tune_gemm_plan(linear_weights(self.model), sizes, compile_threads())
+            plan = tune_gemm_plan(gemm_weights(layers), sizes, compile_threads())
         if plan.choices:  # otherwise the linears keep their empty plan: cuBLAS
-            attach_gemm_plan(self.model, plan)
+            attach_gemm_plan(layers, plan)
         logger.info(
             "GEMMs of weights >= %d MiB tuned for %d batch sizes in %.1f s: %s beat cuBLAS by >= %.0f %%",
             MIN_TUNED_WEIGHT_BYTES >> 20,

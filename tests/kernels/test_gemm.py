@@ -1,5 +1,5 @@
-"""GEMM selection: the choice rule, the plan's dispatch, and the model wiring (CPU; the Triton
-choice runs in the interpreter)."""
+"""GEMM selection: the choice rule, the plan's dispatch through ``ops.linear``, and the wiring into
+the unquantized linear method (CPU; the Triton choice runs in the interpreter)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import gemm
+from kernels import gemm, ops
 from kernels.triton.linear import LinearConfig, candidate_configs
 from workers.distributed import TPGroup
-from workers.models.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    attach_gemm_plan,
-    linear_weights,
-)
+from workers.models.layers import ColumnParallelLinear, RowParallelLinear, linear_layers
+from workers.quantization import attach_gemm_plan, gemm_weights
 
 _TILE = LinearConfig(16, block_n=16, block_k=16, split_k=2, num_warps=4, num_stages=1)
 
@@ -46,27 +42,44 @@ def test_choose_skips_a_candidate_whose_launch_fails() -> None:
     assert not any(name.startswith("triton") for name in timings)
 
 
-def test_plan_runs_the_chosen_gemm_for_its_shape_and_cublas_for_others() -> None:
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(32, 64, generator=gen)
-    x = torch.randn(3, 64, generator=gen)
-    launches = []
+def _counting(launches: list[str]) -> type[gemm.GemmChoice]:
+    """A choice class that records each launch in ``launches``."""
 
     class Counting(gemm.GemmChoice):
         def run(self, *args):
             launches.append(self.backend)
             return gemm.GemmChoice.run(self, *args)
 
-    plan = gemm.GemmPlan({(3, 32, 64): Counting(gemm.TRITON, _TILE)})
-    torch.testing.assert_close(plan.linear(x, weight), F.linear(x, weight), atol=1e-4, rtol=1e-4)
+    return Counting
+
+
+def test_plan_runs_the_chosen_gemm_for_its_shape_and_cublas_for_others() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 64, generator=gen)
+    x = torch.randn(3, 64, generator=gen)
+    launches: list[str] = []
+    plan = gemm.GemmPlan({(3, 32, 64): _counting(launches)(gemm.TRITON, _TILE)})
+    torch.testing.assert_close(ops.linear(x, weight, plan=plan), F.linear(x, weight), atol=1e-4, rtol=1e-4)
     assert launches == ["triton"]
     out = torch.empty(4, 32)
-    assert plan.linear(torch.cat([x, x[:1]]), weight, out=out) is out  # 4 rows: not in the plan
+    assert ops.linear(torch.cat([x, x[:1]]), weight, out=out, plan=plan) is out  # 4 rows: not in the plan
     assert launches == ["triton"]
     torch.testing.assert_close(out[:3], F.linear(x, weight), atol=1e-4, rtol=1e-4)
     # A transposed input has no unit inner stride: cuBLAS, never the Triton kernel.
-    plan.linear(torch.randn(64, 3, generator=gen).t(), weight)
+    ops.linear(torch.randn(64, 3, generator=gen).t(), weight, plan=plan)
     assert launches == ["triton"]
+
+
+def test_torch_linear_writes_into_a_callers_buffer() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias = torch.randn(5, 16, generator=gen), torch.randn(8, 16, generator=gen), torch.randn(8)
+    for b in (None, bias):
+        buffer = torch.full((5, 12), float("nan"))
+        out = buffer[:, 2:10]
+        assert ops.linear(x, weight, b, out) is out
+        torch.testing.assert_close(out, F.linear(x, weight, b))
+        assert torch.isnan(buffer[:, :2]).all() and torch.isnan(buffer[:, 10:]).all()
+        torch.testing.assert_close(ops.linear(x, weight, b), F.linear(x, weight, b))
 
 
 def test_candidates_cover_decode_sizes_only() -> None:
@@ -92,18 +105,26 @@ def test_small_weights_are_not_tuned() -> None:
     assert gemm.tune_gemm_plan(weights, [1, 8, 64], compile_threads=1).choices == {}
 
 
-def test_attach_gemm_plan_reaches_every_projection() -> None:
+def test_attach_gemm_plan_reaches_every_unquantized_linear() -> None:
     tp = TPGroup()
     model = torch.nn.Sequential(
-        ColumnParallelLinear(8, 16, False, tp),
-        RowParallelLinear(16, 8, False, tp),
-        ColumnParallelLinear(8, 16, True, tp),
+        ColumnParallelLinear(64, 32, False, tp),
+        RowParallelLinear(32, 64, False, tp),
+        ColumnParallelLinear(64, 32, True, tp),
     )
-    groups = linear_weights(model)
-    assert sorted(groups) == [(8, 16), (16, 8)] and len(groups[(16, 8)]) == 2
-    plan = gemm.GemmPlan({(2, 16, 8): gemm.GemmChoice(gemm.TRITON, _TILE)})
-    attach_gemm_plan(model, plan)
-    assert all(layer.gemm is plan for layer in model)
+    for param in model.parameters():
+        torch.nn.init.normal_(param)
+    layers = list(linear_layers(model))
+    groups = gemm_weights(layers)
+    assert sorted(groups) == [(32, 64), (64, 32)] and len(groups[(32, 64)]) == 2
+    launches: list[str] = []
+    plan = gemm.GemmPlan({(2, 32, 64): _counting(launches)(gemm.TRITON, _TILE)})
+    assert attach_gemm_plan(layers, plan) == 3
+    assert all(layer.linear_method.plan is plan for layer in model)
+    # The layer's forward runs the plan's choice for the shape it measured.
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(model[2](x), F.linear(x, model[2].weight, model[2].bias), atol=1e-4, rtol=1e-4)
+    assert launches == ["triton"]
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ from workers.models.layers import (
     VocabParallelEmbedding,
 )
 from workers.models.weight_loading import CheckpointLayout, StackedShard, load_checkpoint
+from workers.quantization import UNQUANTIZED, QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +105,19 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, tp: TPGroup) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPGroup, quant_config: QuantizationConfig) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
-            args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, args.qkv_bias, tp
+            args.hidden_size,
+            args.head_dim,
+            args.num_heads,
+            args.num_kv_heads,
+            args.qkv_bias,
+            tp,
+            quant_config,
         )
         self.o_proj = RowParallelLinear(
-            args.num_heads * args.head_dim, args.hidden_size, args.o_proj_bias, tp
+            args.num_heads * args.head_dim, args.hidden_size, args.o_proj_bias, tp, quant_config
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -169,21 +176,23 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, args: LlamaArgs, tp: TPGroup) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPGroup, quant_config: QuantizationConfig) -> None:
         super().__init__()
         size = args.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [size, size], args.mlp_bias, tp)
-        self.down_proj = RowParallelLinear(size, args.hidden_size, args.mlp_bias, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            args.hidden_size, [size, size], args.mlp_bias, tp, quant_config
+        )
+        self.down_proj = RowParallelLinear(size, args.hidden_size, args.mlp_bias, tp, quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, tp: TPGroup) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPGroup, quant_config: QuantizationConfig) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args, tp)
-        self.mlp = LlamaMLP(args, tp)
+        self.self_attn = LlamaAttention(args, tp, quant_config)
+        self.mlp = LlamaMLP(args, tp, quant_config)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -221,13 +230,20 @@ class LlamaForCausalLM(nn.Module):
         ignored=("rotary_emb.inv_freq",),
     )
 
-    def __init__(self, hf_config: dict[str, Any], tp: TPGroup | None = None) -> None:
+    def __init__(
+        self,
+        hf_config: dict[str, Any],
+        tp: TPGroup | None = None,
+        quant_config: QuantizationConfig = UNQUANTIZED,
+    ) -> None:
         super().__init__()
         tp = tp or TPGroup()
         self.args = args = LlamaArgs.from_hf(hf_config)
         self.tp = tp
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(args, tp) for _ in range(args.num_layers)])
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(args, tp, quant_config) for _ in range(args.num_layers)]
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, tp)
         if args.tie_word_embeddings:

@@ -11,6 +11,7 @@ from ipc.config import ModelConfig
 from workers.distributed import TPGroup
 from workers.models.architectures import SUPPORTED_ARCHITECTURES, check_architecture
 from workers.models.llama import LlamaForCausalLM, dummy_checkpoint
+from workers.quantization import quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +27,12 @@ def build_model(
     config: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: torch.device
 ) -> torch.nn.Module:
     cls = model_class(config.architecture)
+    quant_config = quantization_config(config.hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(config.hf_config, tp)
+            model = cls(config.hf_config, tp, quant_config)
     finally:
         torch.set_default_dtype(previous)
     # The RoPE table stays fp32: positions up to 128k need the precision.

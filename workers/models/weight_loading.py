@@ -7,13 +7,15 @@ parameter's :class:`ParamLoader` knows the full checkpoint shape of every shard 
 it before slicing (``copy_`` would broadcast a wrong shape silently, and ``narrow`` would cut a
 too-long tensor), and copies this rank's slice. :func:`load_checkpoint` maps the names, records
 which shards each parameter received, and after the last tensor names every shard never written:
-a parameter is never left holding uninitialised memory.
+a parameter is never left holding uninitialised memory. Then each module that processes its
+parameters after loading (a linear layer's method: repacking, transposing) does so, once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -42,6 +44,13 @@ class ParamLoader:
         if tuple(loaded.shape) != expected:
             raise ValueError(f"has shape {tuple(loaded.shape)}, expected {expected}")
         self.copy(param.data, loaded, shard)
+
+
+@runtime_checkable
+class ProcessedAfterLoading(Protocol):
+    """A module whose parameters take a last step once every checkpoint tensor is in."""
+
+    def process_after_loading(self) -> None: ...
 
 
 def set_loader(param: nn.Parameter, loader: ParamLoader) -> nn.Parameter:
@@ -113,7 +122,8 @@ def load_checkpoint(
 ) -> None:
     """Copy every tensor of ``weights`` into ``model``'s parameters; ValueError, naming the tensor,
     for one with no place in the model, a wrong shape, or a second copy, and after the last one,
-    naming them all, for the tensors the checkpoint lacks. ``skip`` lists checkpoint names to
+    naming them all, for the tensors the checkpoint lacks. A complete model then has each
+    ``ProcessedAfterLoading`` module process its parameters. ``skip`` lists checkpoint names to
     pass over (a tied head); ``describe`` labels a checkpoint name in errors (its name in the
     source file's own scheme, where that differs)."""
     model_name = type(model).__name__
@@ -147,3 +157,7 @@ def load_checkpoint(
         listed = ", ".join(missing[:_LISTED])
         more = f" and {len(missing) - _LISTED} more" if len(missing) > _LISTED else ""
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) that {model_name} needs: {listed}{more}")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ProcessedAfterLoading):
+                module.process_after_loading()
