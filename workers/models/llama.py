@@ -178,7 +178,15 @@ class LlamaDecoderLayer(nn.Module):
         self.attention_input_width = self.self_attn.qkv_proj.out_per_rank
         self.attention_output_width = self.self_attn.num_heads * self.self_attn.head_dim
 
-    def pre_attention(self, positions, x, residual, kv_cache, slot_mapping, out=None):
+    def pre_attention(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input norm (adding the residual) and the attention's projections: (qkv, residual)."""
         if residual is None:
             residual = x
@@ -187,15 +195,30 @@ class LlamaDecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         return self.self_attn.project(positions, x, kv_cache, slot_mapping, out), residual
 
-    def attention(self, qkv, kv_cache, meta, out=None):
+    def attention(
+        self,
+        qkv: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.self_attn.attend(qkv, kv_cache, meta, out)
 
-    def post_attention(self, attn_out, residual):
+    def post_attention(
+        self, attn_out: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output projection, post-attention norm and MLP: (x, residual)."""
         x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(x), residual
 
-    def forward(self, positions, x, residual, kv_cache, meta):
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         qkv, residual = self.pre_attention(positions, x, residual, kv_cache, meta.slot_mapping)
         return self.post_attention(self.attention(qkv, kv_cache, meta), residual)
 
