@@ -50,10 +50,6 @@ def paged_attention(
     )
 
 
-# The host arrays of a HostAttentionMetadata, by their upload names.
-_ARRAY_FIELDS = ("slot_mapping", "block_tables", "seq_lens", "query_start_loc")
-
-
 @dataclass(slots=True)
 class HostAttentionMetadata:
     """AttentionMetadata on the host, in the dtypes it is uploaded in."""
@@ -93,12 +89,20 @@ class HostAttentionMetadata:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays to upload, by name (``to_device`` takes them back by the same names)."""
-        return {f"attn.{name}": getattr(self, name) for name in _ARRAY_FIELDS}
+        return {
+            "attn.slot_mapping": self.slot_mapping,
+            "attn.block_tables": self.block_tables,
+            "attn.seq_lens": self.seq_lens,
+            "attn.query_start_loc": self.query_start_loc,
+        }
 
     def to_device(self, uploaded: dict[str, torch.Tensor]) -> AttentionMetadata:
         """The device metadata from the uploaded ``arrays()``."""
         return AttentionMetadata(
-            *(uploaded[f"attn.{name}"] for name in _ARRAY_FIELDS),
+            slot_mapping=uploaded["attn.slot_mapping"],
+            block_tables=uploaded["attn.block_tables"],
+            seq_lens=uploaded["attn.seq_lens"],
+            query_start_loc=uploaded["attn.query_start_loc"],
             max_query_len=self.max_query_len,
             max_seq_len=self.max_seq_len,
         )
@@ -118,6 +122,7 @@ class AttentionMetadataBuilder:
         positions: np.ndarray,  # int64 [T]
         seq_lens: np.ndarray,  # int64 [S]
         query_start: np.ndarray,  # int64 [S + 1]
+        max_query_len: int,
     ) -> HostAttentionMetadata:
         bs = self.block_size
         slot_mapping = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
@@ -127,7 +132,7 @@ class AttentionMetadataBuilder:
             block_tables=self.block_table[rows, : -(-max_seq_len // bs)],
             seq_lens=seq_lens.astype(np.int32),
             query_start_loc=query_start.astype(np.int32),
-            max_query_len=int(np.diff(query_start).max()),
+            max_query_len=max_query_len,
             max_seq_len=max_seq_len,
         )
 

@@ -147,7 +147,9 @@ class ModelRunner:
             self._last.result()  # penalties need every output token on the host
         num_sched = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(states))
         step = batch.schedule(rows, num_sched)
-        attn = self.attn_builder.build(rows, step.token_rows, step.positions, step.seq_lens, step.query_start)
+        attn = self.attn_builder.build(
+            rows, step.token_rows, step.positions, step.seq_lens, step.query_start, int(num_sched.max())
+        )
         in_flight_src = self._in_flight_sources(step, req_ids) if len(step.in_flight) else None
         sample_idx = np.nonzero(step.samples)[0]
         sample_states = [states[i] for i in sample_idx]

@@ -78,7 +78,7 @@ def test_dispatch_and_padding() -> None:
     table = np.array([[7, 3, 0, 0, 0], [2, 0, 0, 0, 0], [1, 4, 6, 8, 9]], dtype=np.int32)
     positions = np.array([5, 0, 17])
     host = AttentionMetadataBuilder(4, table).build(
-        np.arange(3), np.arange(3), positions, positions + 1, np.arange(4)
+        np.arange(3), np.arange(3), positions, positions + 1, np.arange(4), 1
     )
     assert host.slot_mapping.tolist() == [3 * 4 + 1, 2 * 4, 9 * 4 + 1]
     assert host.block_tables.tolist() == table[:, :5].tolist()  # the longest sequence's 5 blocks
