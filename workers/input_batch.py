@@ -1,8 +1,9 @@
 """The persistent batch: per-request rows of preallocated numpy arrays on the worker.
 
 A request keeps its row from admission to finish; each step only applies the SchedulerOutput
-diff (new rows, appended block ids, dropped rows) and gathers the scheduled rows. Token ids live
-here too: the worker appends what it samples, so the scheduler never ships token ids back.
+diff (new rows, appended block ids, dropped rows) and gathers the scheduled rows (``schedule``).
+Token ids live here too: the worker appends what it samples, so the scheduler never ships token
+ids back.
 """
 
 from __future__ import annotations
@@ -13,6 +14,30 @@ import numpy as np
 
 from ipc.messages import NewRequestData
 from ipc.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledTokens:
+    """A step's tokens gathered from the persistent batch (host arrays)."""
+
+    rows: np.ndarray  # [S] batch row of each scheduled request, in scheduling order
+    query_start: np.ndarray  # int64 [S + 1]: where each request's tokens start in the step
+    token_req: np.ndarray  # [T] index into ``rows`` of each token
+    token_rows: np.ndarray  # [T] batch row of each token
+    positions: np.ndarray  # int64 [T]
+    input_ids: np.ndarray  # int64 [T]; stale where the id is still in flight (see ``in_flight``)
+    seq_lens: np.ndarray  # int64 [S]: tokens computed once the step has run
+    samples: np.ndarray  # bool [S]: the step reaches the end of the request's tokens
+    in_flight: np.ndarray  # indices of the tokens whose id the previous step is still sampling
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.positions)
+
+    @property
+    def is_decode(self) -> bool:
+        """One token per request."""
+        return len(self.positions) == len(self.rows)
 
 
 @dataclass(slots=True)
@@ -103,6 +128,33 @@ class InputBatch:
             self.token_ids[row, n] = token_id
             self.num_tokens[row] = n + 1
 
+    def schedule(self, rows: np.ndarray, num_scheduled: np.ndarray) -> ScheduledTokens:
+        """The tokens of the step that runs ``num_scheduled`` tokens of each row, and the rows'
+        computed counts advanced past them.
+
+        A request samples when the step reaches the end of its tokens, known or in flight: a
+        position at ``num_tokens`` of its row is the token that the previous step is sampling.
+        """
+        computed = self.num_computed[rows]
+        query_start = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(num_scheduled, out=query_start[1:])
+        total = int(query_start[-1])
+        if total == len(rows):  # one token per request: no repeat / gather needed
+            token_req = np.arange(len(rows))
+            positions = computed
+        else:
+            token_req = np.repeat(np.arange(len(rows)), num_scheduled)
+            positions = computed[token_req] + (np.arange(total) - query_start[token_req])
+        token_rows = rows[token_req]
+        input_ids = self.token_ids[token_rows, np.minimum(positions, self.max_model_len - 1)]
+        seq_lens = computed + num_scheduled
+        samples = seq_lens >= self.num_tokens[rows]
+        self.num_computed[rows] = seq_lens
+        in_flight = np.nonzero(positions >= self.num_tokens[token_rows])[0]
+        return ScheduledTokens(
+            rows, query_start, token_req, token_rows, positions, input_ids, seq_lens, samples, in_flight
+        )
+
     def noise_seeds(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Per-row keys of seeded rows at their output positions: ``_seeded_key`` of the sampler,
         (seed * A + position * B + 1) mod 2^63, in wrapping uint64 arithmetic (2^63 divides 2^64)."""
@@ -115,3 +167,12 @@ class InputBatch:
 
     def prompt_token_ids(self, state: RequestState) -> np.ndarray:
         return self.token_ids[state.row, : state.num_prompt_tokens]
+
+
+def pad(array: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """``array`` extended to ``size`` entries with ``fill`` (a CUDA graph's padding)."""
+    if len(array) == size:
+        return array
+    out = np.full(size, fill, dtype=array.dtype)
+    out[: len(array)] = array
+    return out

@@ -1,12 +1,14 @@
 """ModelRunner: turns a SchedulerOutput into one forward pass and one sampling call.
 
-Inputs are built with numpy from the persistent batch and copied to the device once; the only
-device-to-host transfer of the step is the sampled token ids (plus logprobs when asked).
+A step runs in four phases: the persistent batch takes the SchedulerOutput's diff
+(``_update_states``), the step's inputs are built with numpy and copied to the device once
+(``_prepare_inputs``), the forward pass runs from a CUDA graph or eagerly (``_forward``), and the
+sampler launches (``_sample``). The only device-to-host transfer of the step is the sampled token ids
+(plus logprobs when asked), which ``PendingStep.result()`` waits for.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import time
@@ -16,9 +18,17 @@ import numpy as np
 import torch
 
 from ipc.messages import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from workers.input_batch import InputBatch, RequestState
-from workers.models.llama import AttentionMetadata
-from workers.piecewise_graphs import PiecewiseGraphs, piecewise_sizes
+from workers.attention import AttentionMetadata, AttentionMetadataBuilder
+from workers.cuda_graphs import (
+    CUDAGraphMode,
+    DecodeGraphs,
+    GraphDispatch,
+    PiecewiseGraphs,
+    capture_sizes,
+    dispatch,
+    piecewise_sizes,
+)
+from workers.input_batch import InputBatch, RequestState, ScheduledTokens
 from workers.sampler import SamplerOutput, SamplingMetadata, sample
 from workers.staging import HostStaging
 
@@ -44,6 +54,21 @@ class ModelWarmup:
     run_s: float
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """A step's device inputs, and what its forward pass and sampling need beside them."""
+
+    input_ids: torch.Tensor  # [T], padded to the graph's size for a piecewise graph
+    positions: torch.Tensor  # [T], padded to the graph's size for any graph
+    attn: AttentionMetadata
+    num_tokens: int  # the step's real tokens (the rest is graph padding)
+    graph: GraphDispatch
+    logit_rows: torch.Tensor | None  # the hidden rows that sample; None: every real row
+    sampling: SamplingMetadata
+    sample_rows: np.ndarray  # the batch rows that sample
+    sample_states: list[RequestState]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -60,9 +85,10 @@ class ModelRunner:
         self.vocab_size = vocab_size
         max_blocks = -(-max_model_len // block_size)
         self.batch = InputBatch(max_num_seqs, max_model_len, max_blocks)
+        self.attn_builder = AttentionMetadataBuilder(block_size, self.batch.block_table)
         self.max_blocks_per_seq = max_blocks
         self.kv_caches: list[torch.Tensor] = []
-        self.graphs: CudaGraphs | None = None
+        self.graphs: DecodeGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None
         self._last: PendingStep | None = None  # the most recent step that sampled
         self._staging: HostStaging | None = None  # created on the first CUDA step
@@ -77,8 +103,23 @@ class ModelRunner:
         # pageable copy would wait for the GPU queue to drain, a hidden sync every step.
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    # ------------------------------------------------------------------ state
-    def update_states(self, so: SchedulerOutput) -> None:
+    # ------------------------------------------------------------------ step
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(so).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, so: SchedulerOutput) -> PendingStep:
+        """Launch the step and return at once; ``result()`` waits for the sampled tokens."""
+        self._update_states(so)
+        if so.total_num_scheduled_tokens == 0:
+            return PendingStep.empty()
+        inputs = self._prepare_inputs(so)
+        logits = self._forward(inputs)
+        if logits is None:  # no request reached the end of its tokens
+            return PendingStep.empty()
+        return self._sample(inputs, logits)
+
+    def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             self.batch.remove(req_id)
         for new in so.scheduled_new_reqs:
@@ -89,21 +130,14 @@ class ModelRunner:
         ):
             self.batch.append_blocks(req_id, block_ids, computed)
 
-    # ------------------------------------------------------------------ step
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(so).result()
-
-    @torch.inference_mode()
-    def execute_model_async(self, so: SchedulerOutput) -> PendingStep:
-        """Launch the step and return at once; ``result()`` waits for the sampled tokens.
+    def _prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        """The step's inputs, built on the host, padded to the CUDA graph the step runs in (chosen
+        here, as the padding is) and uploaded in one copy.
 
         Tokens sampled by the previous step may still be on their way to the host: a position
         whose token is not known here yet (``position == num_tokens`` of its row) takes its
         input id from the previous step's sampled-token tensor, on the device.
         """
-        self.update_states(so)
-        if so.total_num_scheduled_tokens == 0:
-            return PendingStep.empty()
         batch = self.batch
         req_ids = list(so.num_scheduled_tokens)
         states = [batch.states[r] for r in req_ids]
@@ -112,101 +146,79 @@ class ModelRunner:
         if self._last is not None and needs_history:
             self._last.result()  # penalties need every output token on the host
         num_sched = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(states))
-        computed = batch.num_computed[rows]
-        query_start = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(num_sched, out=query_start[1:])
-        total = int(query_start[-1])
-        is_decode = total == len(rows)
-        if is_decode:  # one token per request: no repeat / gather needed
-            token_req = np.arange(len(rows))
-            positions = computed
-        else:
-            token_req = np.repeat(np.arange(len(rows)), num_sched)
-            positions = computed[token_req] + (np.arange(total) - query_start[token_req])
-        token_rows = rows[token_req]
-        input_ids = batch.token_ids[token_rows, np.minimum(positions, batch.max_model_len - 1)]
-        seq_lens = computed + num_sched
-        bs = self.block_size
-        slot_mapping = batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        max_blocks = -(-int(seq_lens.max()) // bs)
-        block_tables = batch.block_table[rows, :max_blocks]
-        # A request samples when this step reaches the end of its tokens (known or in flight).
-        samples = seq_lens >= batch.num_tokens[rows]
-        batch.num_computed[rows] = seq_lens
-        in_flight = np.nonzero(positions >= batch.num_tokens[token_rows])[0]
-        in_flight_src = None
-        if len(in_flight):
-            index_of = self._last.index_of
-            in_flight_src = np.fromiter(
-                (index_of[req_ids[t]] for t in token_req[in_flight]), dtype=np.int64, count=len(in_flight)
-            )
-        sample_idx = np.nonzero(samples)[0]
+        step = batch.schedule(rows, num_sched)
+        attn = self.attn_builder.build(
+            rows, step.token_rows, step.positions, step.seq_lens, step.query_start, int(num_sched.max())
+        )
+        in_flight_src = self._in_flight_sources(step, req_ids) if len(step.in_flight) else None
+        sample_idx = np.nonzero(step.samples)[0]
         sample_states = [states[i] for i in sample_idx]
         sampling = self._sampling_arrays(rows[sample_idx], sample_states)
         # The hidden rows whose logits are needed: each sampling request's last token.
-        every_row_samples = is_decode and len(sample_idx) == len(rows)
-        logit_rows = None if every_row_samples else query_start[1:][sample_idx] - 1
-        use_graph = every_row_samples and self.graphs is not None and self.graphs.fits(total)
-        use_pieces = not use_graph and self.pieces is not None and self.pieces.fits(total)
-        if use_pieces:  # padded on the host too: the graphs' token inputs are one copy each
-            size = self.pieces.size_for(total)
-            input_ids, positions, slot_mapping = (
-                _pad(input_ids, size, 0),
-                _pad(positions, size, 0),
-                _pad(slot_mapping, size, -1),
-            )
-        elif use_graph:
-            # Padded to the graph's size on the host, so each static input is filled by one copy.
-            size = self.graphs.size_for(total)
-            positions, slot_mapping, seq_lens = (
-                _pad(positions, size, 0),
-                _pad(slot_mapping, size, -1),
-                _pad(seq_lens, size, 0),
-            )
-            query_start = np.minimum(np.arange(size + 1), total)
-        arrays = [input_ids, positions, slot_mapping, block_tables, seq_lens.astype(np.int32)]
-        arrays += [query_start.astype(np.int32), *sampling.host]
+        every_row_samples = step.is_decode and len(sample_idx) == len(rows)
+        logit_rows = None if every_row_samples else step.query_start[1:][sample_idx] - 1
+        graph = dispatch(self.graphs, self.pieces, step.num_tokens, every_row_samples)
+        input_ids, positions, attn = graph.pad(step.input_ids, step.positions, attn)
+        arrays = {"input_ids": input_ids, "positions": positions, **attn.arrays()}
+        arrays.update((f"sampling.{i}", a) for i, a in enumerate(sampling.host))
         if logit_rows is not None:
-            arrays.append(logit_rows)
+            arrays["logit_rows"] = logit_rows
         if in_flight_src is not None:
-            arrays += [in_flight, in_flight_src]
-        uploaded = self._upload(*arrays)
-        ids_dev, pos_dev, slots_dev, tables_dev, lens_dev, qsl_dev = uploaded[:6]
-        md = sampling.metadata(uploaded[6 : 6 + len(sampling.host)], self)
-        logit_rows_dev = uploaded[6 + len(sampling.host)] if logit_rows is not None else None
+            arrays["in_flight"] = step.in_flight
+            arrays["in_flight_src"] = in_flight_src
+        uploaded = self._upload(arrays)
+        md = sampling.metadata([uploaded[f"sampling.{i}"] for i in range(len(sampling.host))], self)
+        input_ids_dev = uploaded["input_ids"]
         if in_flight_src is not None:
-            ids_dev[uploaded[-2]] = self._last.token_ids_dev[uploaded[-1]]
+            input_ids_dev[uploaded["in_flight"]] = self._last.token_ids_dev[uploaded["in_flight_src"]]
+        return StepInputs(
+            input_ids=input_ids_dev,
+            positions=uploaded["positions"],
+            attn=attn.to_device(uploaded),
+            num_tokens=step.num_tokens,
+            graph=graph,
+            logit_rows=uploaded.get("logit_rows"),
+            sampling=md,
+            sample_rows=rows[sample_idx],
+            sample_states=sample_states,
+        )
 
-        if use_graph:
-            logits = self.graphs.run(ids_dev, pos_dev, slots_dev, tables_dev, lens_dev, qsl_dev, total)
+    def _in_flight_sources(self, step: ScheduledTokens, req_ids: list[str]) -> np.ndarray:
+        """For each in-flight token, its row in the previous step's sampled-token tensor."""
+        index_of = self._last.index_of
+        return np.fromiter(
+            (index_of[req_ids[t]] for t in step.token_req[step.in_flight]),
+            dtype=np.int64,
+            count=len(step.in_flight),
+        )
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The logits of the sampling rows (None when no row samples), from the decode graph, the
+        piecewise graphs or the eager model, as ``inputs.graph`` says."""
+        mode, n = inputs.graph.mode, inputs.num_tokens
+        if mode is CUDAGraphMode.FULL:
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn, n)
+        elif mode is CUDAGraphMode.PIECEWISE:
+            hidden = self.pieces.run(inputs.input_ids, inputs.positions, inputs.attn, n)
         else:
-            meta = AttentionMetadata(
-                slot_mapping=slots_dev,
-                block_tables=tables_dev,
-                seq_lens=lens_dev,
-                query_start_loc=qsl_dev,
-                max_query_len=int(num_sched.max()),
-                max_seq_len=int(seq_lens.max()),
-            )
-            if use_pieces:
-                hidden = self.pieces.run(ids_dev, pos_dev, slots_dev, meta, total)
-            else:
-                hidden = self.model(ids_dev, pos_dev, self.kv_caches, meta)
-            if not len(sample_idx):
-                return PendingStep.empty()
-            logits = self.model.compute_logits(hidden if logit_rows_dev is None else hidden[logit_rows_dev])
-        out = sample(logits, md)
-        batch.num_pending[rows[sample_idx]] += 1
-        step = PendingStep(self, sample_states, out)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
+        if not inputs.sample_states:
+            return None
+        return self.model.compute_logits(hidden if inputs.logit_rows is None else hidden[inputs.logit_rows])
+
+    def _sample(self, inputs: StepInputs, logits: torch.Tensor) -> PendingStep:
+        out = sample(logits, inputs.sampling)
+        self.batch.num_pending[inputs.sample_rows] += 1
+        step = PendingStep(self.batch, inputs.sample_states, out)
         self._last = step
         return step
 
-    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+    def _upload(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
-            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+            return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
         if self._staging is None:
             self._staging = HostStaging(self.device)
-        return self._staging.upload(*arrays)
+        return self._staging.upload(arrays)
 
     # ------------------------------------------------------------------ memory profile
     def warmup(self) -> ModelWarmup:
@@ -278,8 +290,18 @@ class ModelRunner:
     def capture_cuda_graphs(self, max_num_batched_tokens: int) -> tuple[list[int], list[int]]:
         """Decode graphs per batch size, then piecewise graphs per token count for the other
         steps; returns both lists of sizes."""
-        self.graphs = CudaGraphs(self, capture_sizes(len(self.batch.num_tokens)))
-        self.pieces = PiecewiseGraphs(self.model, self.kv_caches, piecewise_sizes(max_num_batched_tokens))
+        dtype = next(self.model.parameters()).dtype
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            capture_sizes(len(self.batch.num_tokens)),
+            self.max_blocks_per_seq,
+            self.block_size,
+            self.device,
+        )
+        self.pieces = PiecewiseGraphs(
+            self.model, self.kv_caches, piecewise_sizes(max_num_batched_tokens), self.device, dtype
+        )
         return self.graphs.sizes, self.pieces.sizes
 
     # ------------------------------------------------------------------ sampling inputs
@@ -379,111 +401,11 @@ class SamplingArrays:
         return md
 
 
-def _pad(array: np.ndarray, size: int, fill: int) -> np.ndarray:
-    """``array`` extended to ``size`` entries with ``fill``."""
-    if len(array) == size:
-        return array
-    out = np.full(size, fill, dtype=array.dtype)
-    out[: len(array)] = array
-    return out
-
-
 def _pad_rows(seqs: list[np.ndarray], fill: int) -> np.ndarray:
     out = np.full((len(seqs), max(1, max(len(s) for s in seqs))), fill, dtype=np.int64)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
     return out
-
-
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    """Decode batch sizes with a captured graph: 1, 2, 4, 8, then every 8 up to 256, every 16
-    beyond; a batch runs in the smallest graph that holds it."""
-    limit = min(max_num_seqs, 512)
-    sizes = [s for s in (1, 2, 4) if s < limit]
-    sizes += list(range(8, min(limit, 256) + 1, 8)) + list(range(272, limit + 1, 16))
-    if not sizes or sizes[-1] < limit:
-        sizes.append(limit)
-    return sizes
-
-
-class CudaGraphs:
-    """Decode steps (one token per sequence) replayed from CUDA graphs captured per padded batch
-    size. All inputs live in static device buffers filled before each replay; padding sequences
-    have no query tokens and padding tokens write to slot -1, so the kernels skip them."""
-
-    def __init__(self, runner: ModelRunner, sizes: list[int]) -> None:
-        self.runner = runner
-        self.sizes = sizes
-        dev = runner.device
-        n = sizes[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros((n, runner.max_blocks_per_seq), dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-        # Hidden states, not logits, are the graph outputs: one [size, vocab] buffer per captured
-        # size would pin ~1 GB of pool memory for a 128k vocabulary.
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.replays = 0  # how many steps ran from a graph (checked by the GPU tests)
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device=dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for size in reversed(sizes):  # largest first: smaller graphs reuse its pool memory
-                self._set_dummy(size)
-                self._forward(size)  # warm-up compiles every kernel variant outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.hidden[size] = self._forward(size)
-                self.graphs[size] = graph
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        torch.cuda.synchronize(dev)
-
-    def fits(self, batch: int) -> bool:
-        return batch <= self.sizes[-1]
-
-    def _set_dummy(self, size: int) -> None:
-        self.seq_lens[:size].fill_(1)
-        self.query_start_loc[: size + 1].copy_(torch.arange(size + 1, dtype=torch.int32))
-        self.slot_mapping[:size].fill_(-1)
-
-    def _forward(self, size: int) -> torch.Tensor:
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
-            block_tables=self.block_tables[:size],
-            seq_lens=self.seq_lens[:size],
-            query_start_loc=self.query_start_loc[: size + 1],
-            max_query_len=1,
-            max_seq_len=self.runner.max_blocks_per_seq * self.runner.block_size,
-        )
-        return self.runner.model(self.input_ids[:size], self.positions[:size], self.runner.kv_caches, meta)
-
-    def size_for(self, batch: int) -> int:
-        """The smallest captured size that holds ``batch`` sequences."""
-        return self.sizes[bisect.bisect_left(self.sizes, batch)]
-
-    def run(
-        self,
-        input_ids: torch.Tensor,  # [n]
-        positions: torch.Tensor,  # [size], padded: the rest is what the padding rows read
-        slot_mapping: torch.Tensor,  # [size], -1 past n
-        block_tables: torch.Tensor,  # [n, width]
-        seq_lens: torch.Tensor,  # [size], 0 past n
-        query_start_loc: torch.Tensor,  # [size + 1]
-        n: int,
-    ) -> torch.Tensor:
-        size = len(positions)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:size].copy_(positions)
-        self.slot_mapping[:size].copy_(slot_mapping)
-        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables)
-        self.seq_lens[:size].copy_(seq_lens)
-        self.query_start_loc[: size + 1].copy_(query_start_loc)
-        self.graphs[size].replay()
-        self.replays += 1
-        return self.runner.model.compute_logits(self.hidden[size][:n])
 
 
 def _needs_history(params) -> bool:
@@ -498,11 +420,11 @@ class PendingStep:
     """
 
     def __init__(
-        self, runner: ModelRunner | None, states: list[RequestState], out: SamplerOutput | None
+        self, batch: InputBatch | None, states: list[RequestState], out: SamplerOutput | None
     ) -> None:
-        self._runner = runner
+        self._batch = batch  # where the sampled tokens go; None for a step without any
         self._states = states
-        self._result: ModelRunnerOutput | None = None if runner is not None else EMPTY_MODEL_RUNNER_OUTPUT
+        self._result: ModelRunnerOutput | None = None if batch is not None else EMPTY_MODEL_RUNNER_OUTPUT
         self.index_of = {s.req_id: i for i, s in enumerate(states)}
         if out is None:
             return
@@ -537,7 +459,7 @@ class PendingStep:
         if self._event is not None:
             self._event.synchronize()
         token_ids = self._host.tolist()
-        batch = self._runner.batch
+        batch = self._batch
         for state, token_id in zip(self._states, token_ids):
             if batch.states.get(state.req_id) is state:  # not dropped (aborted) meanwhile
                 batch.num_pending[state.row] -= 1
@@ -557,7 +479,5 @@ class PendingStep:
                         token_ids=lp_ids[i][: k + 1], logprobs=lps[i][: k + 1], sampled_rank=ranks[i]
                     )
         self._result = result
-        if self._runner._last is self:
-            self._runner._last = None
         self._logprobs = None
         return result

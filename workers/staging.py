@@ -34,8 +34,10 @@ class HostStaging:
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._dev = torch.empty(capacity, dtype=torch.uint8, device=self.device)
 
-    def upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """Device tensors with the arrays' contents, dtypes and shapes (valid for this step)."""
+    def upload(self, named: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Device tensors with the arrays' contents, dtypes and shapes, by the arrays' names (valid
+        for this step)."""
+        arrays = list(named.values())
         sizes = [-(-a.nbytes // _ALIGN) * _ALIGN for a in arrays]
         total = sum(sizes)
         if total > self._capacity:
@@ -56,7 +58,10 @@ class HostStaging:
         self._dev[:offset].copy_(self._host[turn][:offset], non_blocking=True)
         event = self._events[turn] = self._events[turn] or torch.cuda.Event()
         event.record()
-        return [self._dev[o : o + n].view(_TORCH_DTYPES[a.dtype.str]).view(a.shape) for o, n, a in spans]
+        return {
+            name: self._dev[o : o + n].view(_TORCH_DTYPES[a.dtype.str]).view(a.shape)
+            for name, (o, n, a) in zip(named, spans)
+        }
 
 
 _TORCH_DTYPES = {

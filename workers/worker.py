@@ -14,8 +14,9 @@ import torch
 from ipc.config import EngineConfig
 from ipc.messages import ModelRunnerOutput, SchedulerOutput
 from kernels.gemm import MIN_GAIN, MIN_TUNED_WEIGHT_BYTES, tune_gemm_plan
+from workers.cuda_graphs import capture_sizes
 from workers.distributed import TPGroup
-from workers.model_runner import ModelRunner, PendingStep, capture_sizes, compile_threads
+from workers.model_runner import ModelRunner, PendingStep, compile_threads
 from workers.models.layers import linear_layers
 from workers.models.registry import build_model, load_model_weights
 from workers.quantization import attach_gemm_plan, gemm_weights

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from frontend import LLM, SamplingParams  # noqa: E402
-from workers.models.llama import AttentionMetadata, LlamaForCausalLM, dummy_checkpoint  # noqa: E402
+from workers.attention import AttentionMetadata  # noqa: E402
+from workers.models.llama import LlamaForCausalLM, dummy_checkpoint  # noqa: E402
 
 PRESETS = ROOT.parent / "shared" / "bench" / "presets"
 logger = logging.getLogger("gpu_check")
@@ -57,7 +58,6 @@ def build_pair(name: str, dtype: torch.dtype, seed: int = 0):
             )
     finally:
         torch.set_default_dtype(torch.float32)
-    ours.cos_sin_cache = ours.cos_sin_cache.to(device="cuda", dtype=torch.float32)
     their_params = dict(theirs.named_parameters())
 
     def tee() -> Iterator[tuple[str, torch.Tensor]]:

@@ -51,3 +51,52 @@ def test_rows_carry_their_sampling_parameters() -> None:
     assert again == top_p
     assert not batch.truncates[again] and batch.special[again]
     assert batch.temperature[again] == pytest.approx(0.2)
+
+
+def test_schedule_gathers_the_steps_tokens() -> None:
+    """Positions, input ids, sequence lengths, sampling rows and in-flight tokens, against a
+    token-by-token reading of the batch."""
+    batch = InputBatch(6, 64, 4)
+    # prompt length, tokens computed before the step, tokens scheduled
+    cases = {
+        "prefill": (9, 0, 9),
+        "chunk": (20, 4, 7),  # a chunk that does not reach the end: no sampling
+        "decode": (5, 5, 1),  # its input is the token that the previous step is still sampling
+        "resumed": (12, 10, 2),
+    }
+    rows = {}
+    for req_id, (prompt_len, computed, _) in cases.items():
+        new = NewRequestData(
+            req_id=req_id,
+            prompt_token_ids=[100 + 7 * len(rows) + i for i in range(prompt_len)],
+            sampling_params=SamplingParams(),
+            block_ids=[0],
+            num_computed_tokens=computed,
+        )
+        rows[req_id] = batch.add(new).row
+    order = ["decode", "prefill", "resumed", "chunk"]  # not the rows' order
+    num_sched = np.array([cases[r][2] for r in order])
+    step = batch.schedule(np.array([rows[r] for r in order]), num_sched)
+
+    positions, in_flight = [], []
+    for req_id in order:
+        prompt_len, computed, scheduled = cases[req_id]
+        for p in range(computed, computed + scheduled):
+            if p >= prompt_len:
+                in_flight.append(len(positions))
+            else:
+                assert step.input_ids[len(positions)] == batch.token_ids[rows[req_id], p]
+            assert step.token_rows[len(positions)] == rows[req_id]
+            positions.append(p)
+    assert step.positions.tolist() == positions
+    assert step.in_flight.tolist() == in_flight == [0]
+    assert step.query_start.tolist() == [0, *np.cumsum(num_sched).tolist()]
+    assert step.seq_lens.tolist() == [cases[r][1] + cases[r][2] for r in order]
+    assert step.samples.tolist() == [True, True, True, False]
+    assert not step.is_decode and step.num_tokens == len(positions)
+    assert [batch.num_computed[rows[r]] for r in order] == step.seq_lens.tolist()
+
+    # The next step decodes two of them: their inputs are both in flight.
+    decode = batch.schedule(np.array([rows["prefill"], rows["resumed"]]), np.array([1, 1]))
+    assert decode.is_decode and decode.positions.tolist() == [9, 12]
+    assert decode.in_flight.tolist() == [0, 1] and decode.samples.all()

@@ -1,7 +1,9 @@
 """The Llama family: Llama 2/3/3.1/3.2, Mistral, SmolLM2, Qwen2 (QKV bias), tied or untied heads.
 
 The model takes flattened tokens of the whole step (no padding between sequences) and an
-AttentionMetadata describing where each sequence's queries and KV blocks are.
+AttentionMetadata describing where each sequence's queries and KV blocks are. It exposes its parts
+as ``workers/models/interface.py`` describes: embedding, decoder layers cut at their attention,
+final norm and LM head.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from kernels import ops
 from kernels.reference import build_rope_cache
+from workers.attention import AttentionMetadata, paged_attention
 from workers.distributed import TPGroup
 from workers.models.layers import (
     MergedColumnParallelLinear,
@@ -28,16 +31,6 @@ from workers.models.weight_loading import CheckpointLayout, StackedShard, load_c
 from workers.quantization import UNQUANTIZED, QuantizationConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # int64 [T]
-    block_tables: torch.Tensor  # int32 [S, max_blocks]
-    seq_lens: torch.Tensor  # int32 [S]
-    query_start_loc: torch.Tensor  # int32 [S + 1]
-    max_query_len: int
-    max_seq_len: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +97,21 @@ class RMSNorm(nn.Module):
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class RotaryEmbedding(nn.Module):
+    """The RoPE table, one module shared by every layer's attention."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        # Computed on the CPU in fp32 (positions up to 128k need the precision), then placed on
+        # the device the model is built on.
+        table = build_rope_cache(args.head_dim, args.max_position, args.rope_theta, args.rope_scaling)
+        self.register_buffer("cos_sin_cache", table.to(torch.get_default_device()), persistent=False)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, tp: TPGroup, quant_config: QuantizationConfig) -> None:
+    def __init__(
+        self, args: LlamaArgs, tp: TPGroup, quant_config: QuantizationConfig, rotary_emb: RotaryEmbedding
+    ) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             args.hidden_size,
@@ -119,6 +125,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             args.num_heads * args.head_dim, args.hidden_size, args.o_proj_bias, tp, quant_config
         )
+        self.rotary_emb = rotary_emb
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = args.head_dim
@@ -130,49 +137,33 @@ class LlamaAttention(nn.Module):
         x: torch.Tensor,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         slot_mapping: torch.Tensor,
-        cos_sin: torch.Tensor,
-        qkv_out: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The attention's inputs: q, k, v projected and rotated, k and v written to the cache;
-        returns q [T, H, D] (a view of ``qkv_out`` when given)."""
-        qkv = self.qkv_proj(x, out=qkv_out)
+        """q, k, v projected (into ``out`` when given) and rotated, k and v written to the cache;
+        returns the projections [T, (Hq + 2 Hkv) D], q rotated in place."""
+        qkv = self.qkv_proj(x, out=out)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q = qkv[:, :q_size].reshape(-1, self.num_heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].reshape(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].reshape(-1, self.num_kv_heads, self.head_dim)
-        ops.rope_write_kv(positions, q, k, v, kv_cache[0], kv_cache[1], slot_mapping, cos_sin)
-        return q
+        ops.rope_write_kv(
+            positions, q, k, v, kv_cache[0], kv_cache[1], slot_mapping, self.rotary_emb.cos_sin_cache
+        )
+        return qkv
 
     def attend(
         self,
-        q: torch.Tensor,
+        qkv: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Paged attention of q over the cache: [T, H * D] (``out`` [T, H, D] when given)."""
-        out = ops.paged_attention(
-            q,
-            kv_cache[0],
-            kv_cache[1],
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
-            self.scale,
-            out,
-        )
+        """Paged attention of the projected q over the cache: [T, H * D] (into ``out`` when given)."""
+        q = qkv[:, : self.qkv_proj.q_size].reshape(-1, self.num_heads, self.head_dim)
+        if out is not None:
+            out = out.view(-1, self.num_heads, self.head_dim)
+        out = paged_attention(q, kv_cache, meta, self.scale, out)
         return out.reshape(-1, self.num_heads * self.head_dim)
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        x: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        cos_sin: torch.Tensor,
-    ) -> torch.Tensor:
-        q = self.project(positions, x, kv_cache, meta.slot_mapping, cos_sin)
-        return self.o_proj(self.attend(q, kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -189,30 +180,60 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, tp: TPGroup, quant_config: QuantizationConfig) -> None:
+    def __init__(
+        self, args: LlamaArgs, tp: TPGroup, quant_config: QuantizationConfig, rotary_emb: RotaryEmbedding
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args, tp, quant_config)
+        self.self_attn = LlamaAttention(args, tp, quant_config, rotary_emb)
         self.mlp = LlamaMLP(args, tp, quant_config)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attention_input_width = self.self_attn.qkv_proj.out_per_rank
+        self.attention_output_width = self.self_attn.num_heads * self.self_attn.head_dim
 
-    def pre_attention(self, positions, x, residual, kv_cache, slot_mapping, cos_sin, qkv_out=None):
-        """Input norm (adding the residual) and the attention's projections: (q, residual)."""
+    def pre_attention(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input norm (adding the residual) and the attention's projections: (qkv, residual)."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        return self.self_attn.project(positions, x, kv_cache, slot_mapping, cos_sin, qkv_out), residual
+        return self.self_attn.project(positions, x, kv_cache, slot_mapping, out), residual
 
-    def post_attention(self, attn_out, residual):
+    def attention(
+        self,
+        qkv: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.self_attn.attend(qkv, kv_cache, meta, out)
+
+    def post_attention(
+        self, attn_out: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output projection, post-attention norm and MLP: (x, residual)."""
         x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(x), residual
 
-    def forward(self, positions, x, residual, kv_cache, meta, cos_sin):
-        q, residual = self.pre_attention(positions, x, residual, kv_cache, meta.slot_mapping, cos_sin)
-        return self.post_attention(self.self_attn.attend(q, kv_cache, meta), residual)
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, residual = self.pre_attention(positions, x, residual, kv_cache, meta.slot_mapping)
+        return self.post_attention(self.attention(qkv, kv_cache, meta), residual)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -240,19 +261,16 @@ class LlamaForCausalLM(nn.Module):
         tp = tp or TPGroup()
         self.args = args = LlamaArgs.from_hf(hf_config)
         self.tp = tp
+        self.hidden_size = args.hidden_size
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, tp)
+        self.rotary_emb = RotaryEmbedding(args)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(args, tp, quant_config) for _ in range(args.num_layers)]
+            [LlamaDecoderLayer(args, tp, quant_config, self.rotary_emb) for _ in range(args.num_layers)]
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, tp)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer(
-            "cos_sin_cache",
-            build_rope_cache(args.head_dim, args.max_position, args.rope_theta, args.rope_scaling),
-            persistent=False,
-        )
 
     def forward(
         self,
@@ -261,62 +279,21 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(positions, x, residual, kv_cache, meta, self.cos_sin_cache)
-        x, _ = self.norm(x, residual)
-        return x
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        return self.final_norm(x, residual)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.norm(x, residual)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
-
-    # ------------------------------------------------------------------ piecewise forward
-    # The forward pass cut at attention into num_layers + 1 pieces, so that everything but the
-    # attention (whose work depends on each sequence's length) can be a CUDA graph per token count.
-    # Between pieces the state is in caller-owned buffers: the residual stream (updated in place),
-    # the q/k/v projections (``qkv``) and the attention output.
-    def forward_piece(
-        self,
-        index: int,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        slot_mapping: torch.Tensor,
-        residual: torch.Tensor,  # [T, hidden]
-        qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) D] of this rank
-        attn_out: torch.Tensor,  # [T, Hq D]
-    ) -> torch.Tensor | None:
-        """Piece ``index``: (embedding | layer index-1 after attention) then (layer index up to its
-        attention | the final norm). Returns the final hidden states from the last piece."""
-        if index == 0:
-            residual.copy_(self.embed_tokens(input_ids))
-            x, res = residual, None
-        else:
-            x, res = self.layers[index - 1].post_attention(attn_out, residual)
-        if index == len(self.layers):
-            hidden, res = self.norm(x, res)
-        else:
-            _, res = self.layers[index].pre_attention(
-                positions, x, res, kv_caches[index], slot_mapping, self.cos_sin_cache, qkv_out=qkv
-            )
-            hidden = None
-        if res.data_ptr() != residual.data_ptr():  # the CUDA norms update in place; others return
-            residual.copy_(res)
-        return hidden
-
-    def attend_piece(
-        self,
-        index: int,
-        qkv: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        attn_out: torch.Tensor,
-    ) -> None:
-        """Layer ``index``'s attention between pieces ``index`` and ``index + 1``."""
-        attn = self.layers[index].self_attn
-        q = qkv[:, : attn.qkv_proj.q_size].view(-1, attn.num_heads, attn.head_dim)
-        attn.attend(q, kv_caches[index], meta, out=attn_out.view(-1, attn.num_heads, attn.head_dim))
 
     # ------------------------------------------------------------------ weights
     def load_weights(

@@ -35,8 +35,6 @@ def build_model(
             model = cls(config.hf_config, tp, quant_config)
     finally:
         torch.set_default_dtype(previous)
-    # The RoPE table stays fp32: positions up to 128k need the precision.
-    model.cos_sin_cache = model.cos_sin_cache.to(device=device, dtype=torch.float32)
     return model
 
 
