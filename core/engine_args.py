@@ -101,8 +101,8 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         # Neither torch nor (for Llama directories) transformers is imported here: this runs in
-        # the frontend before the engine process starts, so on a fresh machine their imports
-        # (16 s) would come before, not beside, the engine's own start.
+        # the frontend before the engine process starts, so on a fresh machine their slow imports
+        # would come before, not beside, the engine's own start.
         from core.generation_config import load_generation_defaults, parse_override
         from workers.loaders.config import read_hf_config
         from workers.loaders.source import resolve_model

@@ -33,9 +33,9 @@ Waiting: readers spin (``os.sched_yield``) for ``spin_s`` after entering ``deque
 loaded case (microsecond latency). Then they set their idle byte, re-check, and block in
 ``poll()`` on their own named pipe (FIFO ``wake-<rank>`` in the writer's private 0700 directory).
 After an enqueue the writer writes one byte into the FIFO of each reader whose idle byte is set,
-so a busy ring costs no syscalls and an idle reader wakes in one pipe hop. (A ZeroMQ PUB/SUB
-notification was measured first: it adds two I/O-thread hops, ~0.45 ms against ~0.08 ms for the
-pipe on the 2-core dev box, and an I/O thread per reader.) Each side stores its own flag, fences,
+so a busy ring costs no syscalls and an idle reader wakes in one pipe hop. (Not a ZeroMQ PUB/SUB
+notification: it adds two I/O-thread hops, several times the pipe's latency (benchmarks/
+ring_bench.py), and an I/O thread per reader.) Each side stores its own flag, fences,
 then loads the other's, so a wakeup cannot be missed; a bounded poll slice re-checks anyway.
 
 Shutdown never hangs: the writer's :meth:`~ShmRingWriter.close` sets the ``closed`` byte, wakes

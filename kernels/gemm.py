@@ -1,11 +1,10 @@
 """Which GEMM runs each projection: cuBLAS, cuBLASLt or the Triton skinny GEMM, chosen by timing
 them on the model's own weights at start-up.
 
-No single implementation wins every decode-sized shape (kernels_bench --only linear_sweep,
-kernels_linear_sweep_llama3-8b_h200_80f315d.json): on an H200 the Triton GEMM reads llama3-8b's
-qkv and o_proj 8-10 % faster than cuBLAS at 1-16 rows, cuBLASLt's kernels read down_proj 6-10 %
-faster at 32-64 rows and 7 % slower at 16, and cuBLAS is best from ~128 rows. A fixed table would
-be right for one GPU and one model only, so the engine measures: for every weight shape of at
+No single implementation wins every decode-sized shape (``kernels_bench --only linear_sweep``;
+BENCHMARKS.md, kernels): the Triton GEMM wins narrow projections at a few rows, cuBLASLt some
+shapes at a few dozen rows, and cuBLAS everything larger. A fixed table would be right for one
+GPU and one model only, so the engine measures: for every weight shape of at
 least MIN_TUNED_WEIGHT_BYTES and every captured decode batch size the worker asks for (up to 128
 rows), each candidate runs over all the layers' weights from a CUDA graph (as a decode step reads
 them, none of them in L2), and the fastest wins when it beats cuBLAS by ``MIN_GAIN``. Shapes that
@@ -127,7 +126,7 @@ def time_passes(
     passes: int = _TIMED_PASSES,
 ) -> float:
     """Median seconds per call of one pass over ``calls``, replayed from a CUDA graph as a decode
-    step runs them: timed eagerly, a Triton launch's ~20 us of Python would starve the GPU and
+    step runs them: timed eagerly, a Triton launch's Python overhead would starve the GPU and
     lose to cuBLAS for that reason alone. CUDA events; a warm-up run before the capture and a
     replay before the timing."""
     stream = stream or torch.cuda.Stream()

@@ -1,10 +1,9 @@
 """A low-latency all-reduce for the small messages of decode steps, over symmetric memory.
 
-NCCL's all-reduce costs ~12 us inside a CUDA graph even for a 16 KB message on two NVLink-linked
-H200s; a one-shot all-reduce, where every rank copies its partial sum into a buffer its peers can
-address and then reads all of them (peer loads over NVLink, no multicast), took ~8 us, staging
-copy included (``benchmarks/results/allreduce_2gpu_h200x2.json``). A decode step of llama3-8b
-runs 64 of them.
+NCCL's all-reduce has a fixed cost inside a CUDA graph that dominates the small messages of a
+decode step (two per layer); a one-shot all-reduce, where every rank copies its partial sum into a
+buffer its peers can address and then reads all of them (peer loads over NVLink, no multicast), is
+faster for them, staging copy included (BENCHMARKS.md, tensor parallelism).
 
 The one-shot kernel is torch's (``torch.ops.symm_mem.one_shot_all_reduce_out``): it barriers with
 the peers before reading and again after, so the one staging buffer is safe to reuse by the next
@@ -26,9 +25,8 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-# Largest message (bytes) sent through the one-shot path, by world size: the crossover measured
-# against NCCL inside CUDA graphs on H200s (2 GPUs: one-shot still ahead at 4 MB, 30 vs 37 us;
-# 4 GPUs: ahead at 2 MB, 29 vs 35 us, behind at 4 MB, 50 vs 48 us).
+# Largest message (bytes) sent through the one-shot path, by world size: where it stops beating
+# NCCL inside CUDA graphs on H200s (benchmarks/allreduce_bench.py; BENCHMARKS.md).
 MAX_BYTES = {2: 4 << 20, 4: 2 << 20}
 DEFAULT_MAX_BYTES = 1 << 20
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)

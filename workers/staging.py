@@ -2,7 +2,7 @@
 
 A step's inputs (token ids, positions, slots, block tables, sampling parameters) are a dozen small
 numpy arrays. Uploading each on its own costs a pinned allocation, a copy and an event apiece on
-the host (~20 us each, the host being what sets the pace of small models). Here they are packed
+the host (tens of microseconds together, and the host is what sets the pace of small models). Here they are packed
 into one pinned buffer and sent with one copy; the device tensors are views into one device buffer.
 
 Reuse is safe without a sync on the hot path: there are two pinned buffers, used in turn, and one

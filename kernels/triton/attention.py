@@ -158,7 +158,7 @@ def _attend_tile(
 
 # num_seqs and the block-table width (stride_bt) change every step: without do_not_specialize
 # Triton compiles a variant per value class (== 1, divisible by 16, other), and each first use
-# mid-serving stalls a step for a second or more (seen as a 1 s TTFT tail at 12 req/s).
+# mid-serving stalls a step for as long as the compile takes (a TTFT tail under load).
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,
@@ -366,9 +366,9 @@ def choose_config(
         # flight depends on how many programs share an SM. Few (small, split batches): 128-position
         # tiles three stages deep. Many (serving batches): two stages, so that more programs fit
         # an SM's shared memory, and at head_dim 128 also 64-position tiles (64 KB, three programs
-        # per SM, against one at 128 x 3). The H200 sweep (kernels_bench --only decode_sweep,
-        # kernels_decode_sweep_h200_c54a51f.json): llama3-8b 6-11 % faster at batch 64-256,
-        # llama3.2-1b 7-12 %; at batch 16 (split) the deep tiles stay the best.
+        # per SM, against one at 128 x 3). The choice follows the H200 sweep
+        # (``kernels_bench --only decode_sweep``; BENCHMARKS.md, kernels); at small split batches
+        # the deep tiles stay the best.
         block_m = max(16, gpad)
         if programs_per_sm >= _MANY_PROGRAMS_PER_SM and d_pad <= 128:
             return AttentionConfig(block_m, tile_n=64 if d_pad == 128 else 128, num_warps=4, num_stages=2)

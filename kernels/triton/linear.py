@@ -1,9 +1,8 @@
 """``y = x W^T (+ b)`` for decode-sized batches: a weight-streaming GEMM (``F.linear`` semantics).
 
 At a few dozen rows a projection is a read of its weight matrix, and its time is how fast the GPU
-streams it. cuBLAS does that well for wide matrices (llama3-8b's gate_up at ~3.9 TB/s on an H200)
-but not for the narrower ones: qkv (6144 x 4096) and o_proj (4096 x 4096) ran at 2.1-2.7 TB/s at
-M = 1-64 (kernels_bench --only linear, kernels_llama3-8b_h200_758ef21.json).
+streams it. cuBLAS does that well for wide matrices but less well for narrower ones such as a
+model's qkv and o_proj (``kernels_bench --only linear``; BENCHMARKS.md, kernels).
 
 Design: a program owns ``BLOCK_M`` rows, ``BLOCK_N`` output columns and one of ``split_k`` slices
 of K; it walks its slice in ``BLOCK_K`` steps, multiplying the (padded) rows of x by the weight
@@ -28,7 +27,7 @@ _SHARED_MEMORY_BYTES = 200 * 1024  # Hopper has 227 KB per block; leave room for
 # Beyond this many rows the GEMM turns compute-bound and cuBLAS's tiles win every shape measured.
 MAX_ROWS = 64
 # (block_n, block_k, split_k, num_stages): the tiles that won at least one llama3-8b projection at
-# 1-64 rows in the H200 sweep (kernels_linear_sweep_llama3-8b_h200_80f315d.json); the start-up tuning
+# 1-64 rows in the H200 sweep (``kernels_bench --only linear_sweep``); the start-up tuning
 # (kernels/gemm.py) times each that fits a shape against cuBLAS.
 _CANDIDATE_TILES = (
     (32, 256, 1, 5),

@@ -6,9 +6,8 @@ straight into the token's cache slot and copies its v heads there, in chunks of 
 k and v may be strided views (slices of the fused qkv projection), the caches strided views too.
 
 One kernel rather than a rope kernel and a cache-write kernel: k is read once and never written
-back, and a decode step has one launch per layer fewer. On the H200 (llama3-8b heads,
-kernels_llama3-8b_h200_758ef21.json) it took 3.8 / 4.5 / 7.5 us at 1 / 64 / 512 tokens against
-5.3 / 6.2 / 9.2 us for the two launches; at 4k / 16k-token prefills it is 1 / 6 % slower.
+back, and a decode step has one launch per layer fewer. It is faster than the two launches at
+decode sizes and slightly slower at long prefills (BENCHMARKS.md, kernels).
 """
 
 from __future__ import annotations

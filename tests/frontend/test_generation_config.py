@@ -25,7 +25,7 @@ from frontend.server.protocol import ChatCompletionRequest, CompletionRequest, d
 from frontend.server.serving import resolve_max_tokens
 from ipc.config import EngineConfig, GenerationDefaults
 from ipc.sampling_params import RequestOutputKind, SamplingParams
-from tests.workers.test_loaders import _save_tiny_hf
+from tests.checkpoints import save_tiny_model
 from workers.loaders.source import ModelSource
 
 VOCAB = 96  # the vocabulary of test_loaders' tiny checkpoint
@@ -46,7 +46,7 @@ SAMPLING = {
 def model_dir(tmp_path: Path) -> Path:
     """A tiny random Llama checkpoint; save_pretrained wrote it a generation_config.json."""
     directory = tmp_path / "model"
-    _save_tiny_hf(directory)
+    save_tiny_model(directory)
     return directory
 
 

@@ -56,7 +56,7 @@ def read_hf_config(source: ModelSource) -> dict[str, Any]:
     """The model's HF config as a plain dict, as ``load_hf_config(source).to_dict()`` has it.
 
     A Llama ``config.json`` that names every size is read as JSON: importing transformers to parse
-    it cost the server's start 11 s on a fresh machine (cold disk), and LlamaConfig's defaults for
+    it costs the server's start seconds on a fresh machine (cold disk), and LlamaConfig's defaults for
     the keys it may omit are the ones the engine assumes anyway (rms_norm_eps 1e-6, rope_theta 1e4,
     untied embeddings, no biases, silu). Anything else (GGUF, other model types, partial files)
     goes through transformers.
