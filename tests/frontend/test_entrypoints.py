@@ -58,15 +58,7 @@ asyncio.run(main())
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = tiny_config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = tiny_config()  # 4 query heads over 2 KV heads: both split in two
     return save_tiny_model(tmp_path_factory.mktemp("tiny-entrypoints"), config).path
 
 
