@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 
 from kernels.reference import (
+    apply_token_bitmask_ref,
     fused_add_rms_norm_ref,
     paged_attention_ref,
     rms_norm_ref,
@@ -87,7 +88,15 @@ def rope_write_kv(
     return rope_write_kv_ref(positions, query, key, value, k_cache, v_cache, slot_mapping, cos_sin_cache)
 
 
-def sample_race(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def sample_race(
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     if logits.is_cuda:
-        return _triton("sampling").sample_race(logits, temperature, seeds)
-    return sample_race_ref(logits, temperature, seeds)
+        return _triton("sampling").sample_race(logits, temperature, seeds, rows)
+    return sample_race_ref(logits, temperature, seeds, rows)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    if logits.is_cuda:
+        return _triton("sampling").apply_token_bitmask(logits, bitmask, rows)
+    return apply_token_bitmask_ref(logits, bitmask, rows)
