@@ -1,0 +1,351 @@
+"""A step's sampling inputs, built on the host from the persistent batch.
+
+``SamplingInputBuilder.build`` gathers what the step's sampling rows need from the batch's
+per-row arrays, reading a request's SamplingParams only for rows flagged as needing more than
+temperature and seed. The result, ``StepSamplingInputs``, is a list of numpy arrays that rides in
+the step's one host-to-device upload with the other step inputs, and ``metadata`` turns the
+uploaded tensors into the device-side ``SamplingMetadata``. Nothing here waits for the device.
+
+Penalties need every output token, and with async scheduling the previous step's token may still
+be on its way to the host: the history shipped for a penalised row holds the tokens the host knows
+and a slot for the one in flight, which ``metadata`` fills on the device from the previous step's
+sampled-token tensor (as the step's input ids are filled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ipc.messages import NewRequestData
+from ipc.sampling_params import MAX_LOGPROBS, SamplingParams
+from workers.input_batch import InputBatch, RequestState
+from workers.sampling.processors import LogitBias, MinP, Penalties, TopKTopP, TopP
+from workers.sampling.sampler import SamplingMetadata, TokenBitmask
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (as vLLM's)
+
+
+def seeded_key(seed: int, position: int) -> int:
+    """The noise seed of a seeded request's token at output ``position`` (``InputBatch.noise_seeds``
+    computes the same for many rows at once)."""
+    return (seed * 6364136223846793005 + position * 1442695040888963407 + 1) % (1 << 63)
+
+
+@dataclass(slots=True)
+class HostBitmask:
+    """A structured-output bitmask for some of the step's sampling rows."""
+
+    positions: np.ndarray  # int64 [R]: indices into the step's sampling rows
+    words: np.ndarray  # int32 [R, W], W >= ceil(vocab / 32); bit j of word w allows token 32 w + j
+
+
+@dataclass(slots=True)
+class StepSamplingInputs:
+    """A step's sampling inputs on the host: ``arrays`` (named by ``names``) are uploaded with the
+    step's other inputs; ``metadata`` takes the uploaded tensors back, in the same order."""
+
+    names: list[str] = field(default_factory=list)
+    arrays: list[np.ndarray] = field(default_factory=list)
+    all_greedy: bool = True
+    max_top_k: int = 0
+    top_k_with_top_p: bool = False  # some top-k row also has top-p
+    any_repetition: bool = False
+    max_num_logprobs: int | None = None
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        self.names.append(name)
+        self.arrays.append(array)
+
+    def metadata(
+        self, uploaded: Sequence[torch.Tensor], prev_sampled: torch.Tensor | None
+    ) -> SamplingMetadata:
+        """The SamplingMetadata over the uploaded arrays. ``prev_sampled`` is the previous step's
+        sampled-token tensor on the device (for penalised rows whose last token is in flight)."""
+        t = dict(zip(self.names, uploaded, strict=True))
+        md = SamplingMetadata(
+            temperature=t["temperature"], all_greedy=self.all_greedy, seeds=t.get("seeds"),
+            processed=t.get("processed"), unprocessed=t.get("unprocessed"),
+            max_num_logprobs=self.max_num_logprobs, logprob_rows=t.get("logprob_rows"),
+        )  # fmt: skip
+        if "bitmask" in t:
+            md.bitmask = TokenBitmask(rows=t["bitmask_rows"], bitmask=t["bitmask"])
+        if "bias_rows" in t:
+            md.processors.append(LogitBias(t["bias_rows"], t["bias_tokens"], t["bias_values"]))
+        if "penalty_rows" in t:
+            history = t["history"]
+            if "history_dst" in t:
+                if prev_sampled is None:
+                    raise RuntimeError(
+                        "a penalised row's last token is in flight but no previous step was given"
+                    )
+                history.view(-1)[t["history_dst"]] = prev_sampled[t["history_src"]]
+            params = t["penalty_params"]
+            md.processors.append(
+                Penalties(
+                    rows=t["penalty_rows"],
+                    presence=params[:, 0],
+                    frequency=params[:, 1],
+                    repetition=params[:, 2],
+                    history=history,
+                    prompt_lens=t["history_prompt_lens"],
+                    any_repetition=self.any_repetition,
+                )
+            )
+        if "min_p_rows" in t:
+            params = t["min_p_params"]
+            md.processors.append(MinP(t["min_p_rows"], min_p=params[:, 0], temperature=params[:, 1]))
+        if "top_k_rows" in t:
+            params = t["top_k_params"]
+            md.processors.append(
+                TopKTopP(
+                    rows=t["top_k_rows"],
+                    top_k=t["top_k"],
+                    max_top_k=self.max_top_k,
+                    temperature=params[:, 1],
+                    top_p=params[:, 0] if self.top_k_with_top_p else None,
+                )
+            )
+        if "top_p_rows" in t:
+            params = t["top_p_params"]
+            md.processors.append(TopP(t["top_p_rows"], top_p=params[:, 0], temperature=params[:, 1]))
+        return md
+
+
+@dataclass(slots=True)
+class _General:
+    """Per-feature lists of the rows that need processing, while they are collected."""
+
+    processed: list[int] = field(default_factory=list)  # step positions
+    bias: list[tuple[int, int, float]] = field(default_factory=list)  # (slot, token, value)
+    penalties: list[int] = field(default_factory=list)  # step positions, in slot order
+    penalty_slots: list[int] = field(default_factory=list)
+    min_p: list[tuple[int, float, float]] = field(default_factory=list)  # (slot, min_p, T)
+    top_k: list[tuple[int, int, float, float]] = field(default_factory=list)  # (slot, k, top_p, T)
+    top_p: list[tuple[int, float, float]] = field(default_factory=list)  # (slot, top_p, T)
+    logprobs: list[int] = field(default_factory=list)  # step positions
+    max_num_logprobs: int = 0
+
+
+class SamplingInputBuilder:
+    """Builds each step's StepSamplingInputs from the persistent batch."""
+
+    def __init__(self, batch: InputBatch, vocab_size: int, noise_seed: int) -> None:
+        self.batch = batch
+        self.vocab_size = vocab_size
+        # Noise seeds of unseeded rows: every TP rank seeds this the same, so all draw the same.
+        self._noise_rng = np.random.default_rng(noise_seed)
+
+    def build(
+        self,
+        rows: np.ndarray,
+        states: Sequence[RequestState],
+        in_flight: Mapping[str, int] | None = None,
+        bitmask: HostBitmask | None = None,
+    ) -> StepSamplingInputs:
+        """Inputs for sampling ``rows`` (batch rows, in the order of the step's logits) of the
+        requests ``states``. ``in_flight`` maps a request to its index in the previous step's
+        sampled tokens, for requests whose last token is not on the host yet."""
+        batch = self.batch
+        temperature = batch.temperature[rows]
+        greedy = temperature < GREEDY_EPS
+        inputs = StepSamplingInputs(all_greedy=bool(greedy.all()))
+        inputs.add("temperature", temperature)
+        if not inputs.all_greedy:
+            seeds = self._noise_rng.integers(0, 2**62, size=len(rows), dtype=np.int64)
+            seeded = batch.seeded[rows]
+            if seeded.any():
+                seeds = np.where(seeded, batch.noise_seeds(rows, self._num_outputs(rows)), seeds)
+            inputs.add("seeds", seeds)
+        if bitmask is not None:
+            self._add_bitmask(inputs, bitmask, len(rows))
+        candidates = np.flatnonzero(batch.special[rows] | (batch.truncates[rows] & ~greedy))
+        if len(candidates):
+            general = self._collect(rows, states, candidates, greedy)
+            self._add_general(inputs, general, rows, states, in_flight)
+        return inputs
+
+    def _num_outputs(self, rows: np.ndarray) -> np.ndarray:
+        """Output tokens so far, those in flight included: a seed position or min_tokens must not
+        depend on whether the previous step's tokens have reached the host yet."""
+        batch = self.batch
+        return batch.num_tokens[rows] + batch.num_pending[rows] - batch.num_prompt[rows]
+
+    def _add_bitmask(self, inputs: StepSamplingInputs, bitmask: HostBitmask, num_rows: int) -> None:
+        words = -(-self.vocab_size // 32)
+        if bitmask.words.ndim != 2 or bitmask.words.shape[1] < words or bitmask.words.dtype != np.int32:
+            raise ValueError(
+                f"token bitmask must be int32 [rows, >= {words}] for a vocabulary of {self.vocab_size}, "
+                f"got {bitmask.words.dtype} {list(bitmask.words.shape)}"
+            )
+        if (
+            len(bitmask.positions) != len(bitmask.words)
+            or not (bitmask.positions >= 0).all()
+            or not (bitmask.positions < num_rows).all()
+        ):
+            raise ValueError(
+                f"token bitmask positions must be {len(bitmask.words)} rows of the {num_rows} sampled"
+            )
+        inputs.add("bitmask_rows", bitmask.positions.astype(np.int64))
+        inputs.add("bitmask", np.ascontiguousarray(bitmask.words))
+
+    def _collect(
+        self, rows: np.ndarray, states: Sequence[RequestState], candidates: np.ndarray, greedy: np.ndarray
+    ) -> _General:
+        vocab = self.vocab_size
+        general = _General()
+        num_outputs = self._num_outputs(rows[candidates])
+        for i, num_out in zip(candidates.tolist(), num_outputs.tolist()):
+            state = states[i]
+            p = state.sampling_params
+            slot = len(general.processed)
+            processed = False
+            if p.logprobs is not None:
+                general.logprobs.append(i)
+                general.max_num_logprobs = max(general.max_num_logprobs, p.logprobs)
+            if p.logit_bias:
+                general.bias += [(slot, token, bias) for token, bias in p.logit_bias.items()]
+                processed = True
+            if num_out < p.min_tokens:
+                blocked = [t for t in p.stop_token_ids if t < vocab]
+                if state.eos_token_id is not None and not p.ignore_eos and state.eos_token_id < vocab:
+                    blocked.append(state.eos_token_id)
+                general.bias += [(slot, token, -np.inf) for token in blocked]
+                processed = processed or bool(blocked)
+            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+                general.penalties.append(i)
+                general.penalty_slots.append(slot)
+                processed = True
+            if not greedy[i]:
+                t = p.temperature
+                if p.min_p > 0.0:
+                    general.min_p.append((slot, p.min_p, t))
+                    processed = True
+                top_k = p.top_k if p.top_k < vocab else 0  # k >= vocab keeps everything
+                if top_k > 0:
+                    general.top_k.append((slot, top_k, p.top_p, t))
+                    processed = True
+                elif p.top_p < 1.0:
+                    general.top_p.append((slot, p.top_p, t))
+                    processed = True
+            if processed:
+                general.processed.append(i)
+        return general
+
+    def _add_general(
+        self,
+        inputs: StepSamplingInputs,
+        general: _General,
+        rows: np.ndarray,
+        states: Sequence[RequestState],
+        in_flight: Mapping[str, int] | None,
+    ) -> None:
+        if general.logprobs:
+            inputs.max_num_logprobs = general.max_num_logprobs
+            if len(general.logprobs) < len(rows):
+                inputs.add("logprob_rows", np.array(general.logprobs, dtype=np.int64))
+        if not general.processed:
+            return
+        processed = np.array(general.processed, dtype=np.int64)
+        unprocessed = np.ones(len(rows), dtype=bool)
+        unprocessed[processed] = False
+        inputs.add("processed", processed)
+        inputs.add("unprocessed", np.flatnonzero(unprocessed).astype(np.int64))
+        if general.bias:
+            slots, tokens, values = zip(*general.bias)
+            inputs.add("bias_rows", np.array(slots, dtype=np.int64))
+            inputs.add("bias_tokens", np.array(tokens, dtype=np.int64))
+            inputs.add("bias_values", np.array(values, dtype=np.float32))
+        if general.penalties:
+            self._add_penalties(inputs, general, rows, states, in_flight)
+        if general.min_p:
+            slots, min_p, temps = zip(*general.min_p)
+            inputs.add("min_p_rows", np.array(slots, dtype=np.int64))
+            inputs.add("min_p_params", np.array([min_p, temps], dtype=np.float32).T.copy())
+        if general.top_k:
+            slots, ks, top_p, temps = zip(*general.top_k)
+            inputs.max_top_k = max(ks)
+            inputs.top_k_with_top_p = min(top_p) < 1.0
+            inputs.add("top_k_rows", np.array(slots, dtype=np.int64))
+            inputs.add("top_k", np.array(ks, dtype=np.int64))
+            inputs.add("top_k_params", np.array([top_p, temps], dtype=np.float32).T.copy())
+        if general.top_p:
+            slots, top_p, temps = zip(*general.top_p)
+            inputs.add("top_p_rows", np.array(slots, dtype=np.int64))
+            inputs.add("top_p_params", np.array([top_p, temps], dtype=np.float32).T.copy())
+
+    def _add_penalties(
+        self,
+        inputs: StepSamplingInputs,
+        general: _General,
+        rows: np.ndarray,
+        states: Sequence[RequestState],
+        in_flight: Mapping[str, int] | None,
+    ) -> None:
+        batch = self.batch
+        positions = np.array(general.penalties, dtype=np.int64)
+        params = [states[i].sampling_params for i in general.penalties]
+        values = np.array(
+            [(p.presence_penalty, p.frequency_penalty, p.repetition_penalty) for p in params],
+            dtype=np.float32,
+        )
+        batch_rows = rows[positions]
+        known = batch.num_tokens[batch_rows]
+        pending = batch.num_pending[batch_rows]
+        num_prompt = batch.num_prompt[batch_rows]
+        # A row without a repetition penalty needs its output tokens only: its prompt stays home.
+        repetition = values[:, 2] != 1.0
+        start = np.where(repetition, 0, num_prompt)
+        num_known = known - start
+        width = max(1, int((num_known + pending).max()))
+        cols = np.arange(width)
+        source = np.minimum(start[:, None] + cols, batch.max_model_len - 1)
+        history = np.where(
+            cols < num_known[:, None], batch.token_ids[batch_rows[:, None], source], self.vocab_size
+        )
+        inputs.any_repetition = bool(repetition.any())
+        inputs.add("penalty_rows", np.array(general.penalty_slots, dtype=np.int64))
+        inputs.add("penalty_params", values)
+        inputs.add("history", history)
+        inputs.add("history_prompt_lens", (num_prompt - start).astype(np.int64))
+        waiting = np.flatnonzero(pending)
+        if len(waiting):
+            if in_flight is None:
+                raise RuntimeError("a penalised row's last token is in flight but no previous step was given")
+            src = [in_flight[states[general.penalties[j]].req_id] for j in waiting.tolist()]
+            inputs.add("history_dst", waiting * width + num_known[waiting])
+            inputs.add("history_src", np.array(src, dtype=np.int64))
+
+
+def profile_sampling_inputs(num_rows: int, vocab_size: int) -> list[StepSamplingInputs]:
+    """Sampling inputs for warm-up and memory profiling, over ``num_rows`` rows: every row through
+    every processor and the bitmask, with the most logprobs (the sampler's largest footprint: top-p
+    without top-k sorts its rows); every row plain (the race over the whole batch); and, from two
+    rows, plain rows beside top-k/top-p rows (the race over a subset of rows). Between them they
+    launch every sampling kernel variant."""
+    worst = SamplingParams(
+        temperature=1.0, top_p=0.9, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.5,
+        logit_bias={0: 1.0}, logprobs=MAX_LOGPROBS,
+    )  # fmt: skip
+    plain = SamplingParams(temperature=1.0)
+    top_k = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+    cases = [[worst] * num_rows, [plain] * num_rows]
+    if num_rows >= 2:
+        cases.append([top_k if i % 2 else plain for i in range(num_rows)])
+    out = []
+    for case in cases:
+        batch = InputBatch(num_rows, 2, 1)
+        states = [
+            batch.add(NewRequestData(str(i), [0], params, block_ids=[0], num_computed_tokens=0))
+            for i, params in enumerate(case)
+        ]
+        rows = np.array([s.row for s in states], dtype=np.int64)
+        bitmask = None
+        if case[0] is worst:
+            words = np.full((num_rows, -(-vocab_size // 32)), -1, dtype=np.int32)  # every token allowed
+            bitmask = HostBitmask(np.arange(num_rows, dtype=np.int64), words)
+        out.append(SamplingInputBuilder(batch, vocab_size, noise_seed=0).build(rows, states, bitmask=bitmask))
+    return out
