@@ -89,11 +89,15 @@ def rope_write_kv(
 
 
 def sample_race(
-    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, rows: torch.Tensor | None = None
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    scratch: bool = False,
 ) -> torch.Tensor:
     if logits.is_cuda:
-        return _triton("sampling").sample_race(logits, temperature, seeds, rows)
-    return sample_race_ref(logits, temperature, seeds, rows)
+        return _triton("sampling").sample_race(logits, temperature, seeds, rows, scratch)
+    return sample_race_ref(logits, temperature, seeds, rows, scratch)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:

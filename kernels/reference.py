@@ -204,9 +204,11 @@ def sample_race_ref(
     temperature: torch.Tensor,  # fp32 [B]; < 1e-5 = greedy
     seeds: torch.Tensor,  # int64 [B]
     rows: torch.Tensor | None = None,  # int64 [R]: sample only these rows (None: every row)
+    scratch: bool = False,  # the caller is done with fp32 ``logits``: they may be overwritten
 ) -> torch.Tensor:
     """A token from ``softmax(logits / T)`` per row (greedy rows: the argmax, lowest index on
-    ties); int64 [B], or [R] for the rows ``rows`` names. ``logits`` is not modified.
+    ties); int64 [B], or [R] for the rows ``rows`` names. ``logits`` is not modified unless
+    ``scratch`` allows it.
 
     A row's token depends only on its logits and its seed. The Triton kernel samples the same
     distribution as ``argmax(logits / T + Gumbel)`` with Philox noise per token; this reference
@@ -215,21 +217,26 @@ def sample_race_ref(
     same distribution and the same determinism, not the same bits.
     """
     if rows is not None:
-        logits, temperature, seeds = logits.index_select(0, rows), temperature[rows], seeds[rows]
-    x = logits.float()
+        temperature, seeds = temperature[rows], seeds[rows]
     greedy = temperature < 1e-5
-    out = x.argmax(dim=-1)
     if bool(greedy.all()):
-        return out
-    scaled = x / torch.where(greedy, 1.0, temperature)[:, None]  # a new tensor: ``logits`` stays
-    top = scaled.amax(dim=-1, keepdim=True)
-    scaled -= torch.where(top.isfinite(), top, 0.0)  # an all -inf row has no mass, not NaNs
-    cdf = scaled.exp_().cumsum_(dim=-1)
+        return (logits if rows is None else logits.index_select(0, rows)).argmax(dim=-1)
+    if rows is not None:
+        x = logits.index_select(0, rows).float()  # a copy already: worked on in place below
+    else:
+        x = logits.float() if scratch else logits.to(torch.float32, copy=True)
+    argmax = x.argmax(dim=-1) if bool(greedy.any()) else None
+    # exp2 of (x - max) * log2(e) / T: torch's exp2 keeps its fast path for -inf (masked
+    # tokens), where exp takes a slow one.
+    top = x.amax(dim=-1, keepdim=True)
+    x -= torch.where(top.isfinite(), top, 0.0)  # an all -inf row has no mass, not NaNs
+    x *= (math.log2(math.e) / torch.where(greedy, 1.0, temperature))[:, None]
+    cdf = x.exp2_().cumsum_(dim=-1)
     # u <= 1 - 2^-24 keeps u * total below total in fp32, so some cdf entry exceeds it; the first
     # one that does has positive mass (a zero-mass token repeats its predecessor's cdf value).
     target = seed_uniform_ref(seeds)[:, None] * cdf[:, -1:]
     sampled = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=x.shape[1] - 1)
-    return torch.where(greedy, out, sampled)
+    return sampled if argmax is None else torch.where(greedy, argmax, sampled)
 
 
 def apply_token_bitmask_ref(

@@ -72,16 +72,15 @@ def _race_chunk_kernel(
     inv_t = 1.4426950408889634 / tl.where(greedy, 1.0, temperature)
     # One Philox call yields four uniforms: counter c feeds tokens c, c + Q, c + 2Q, c + 3Q of the
     # chunk (a quarter of the generator's work of one call per token; the RNG, not the memory,
-    # bounded this kernel).
+    # bounds this kernel).
     QUARTER: tl.constexpr = BLOCK // 4
     lanes = tl.arange(0, QUARTER)
     u0, u1, u2, u3 = tl.rand4x(seed, chunk * QUARTER + lanes)
     base = chunk * BLOCK + lanes
     # The four sub-blocks are merged lane by lane first, so the program reduces across its threads
     # once (a max and a min) instead of once per sub-block, each a round of shared memory and
-    # barriers: 132.8 -> 122.5 us at batch 256, vocab 128,256 on the H200 (profile_step); the
-    # Philox calls still bound it. A later sub-block holds the higher token of a lane, so it wins
-    # only when strictly better (ties stay with the lowest).
+    # barriers. A later sub-block holds the higher token of a lane, so it wins only when strictly
+    # better (ties stay with the lowest).
     best = _race_scores(row_ptr, base, u0, vocab, inv_t, greedy)
     token = base
     score = _race_scores(row_ptr, base + QUARTER, u1, vocab, inv_t, greedy)
@@ -114,10 +113,15 @@ def _race_reduce_kernel(best_score_ptr, best_token_ptr, out_ptr, num_chunks, CHU
 
 
 def sample_race(
-    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, rows: torch.Tensor | None = None
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    scratch: bool = False,
 ) -> torch.Tensor:
     """logits [B, V] (any float dtype, unit stride along V), temperature fp32 [B] (0 = greedy),
-    seeds int64 [B], rows int64 [R] or None (every row); returns int64 token ids, [R] or [B]."""
+    seeds int64 [B], rows int64 [R] or None (every row); returns int64 token ids, [R] or [B].
+    The kernel never writes the logits (``scratch`` lets the reference do so)."""
     vocab = logits.shape[1]
     num_rows = logits.shape[0] if rows is None else rows.shape[0]
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
@@ -125,6 +129,9 @@ def sample_race(
         return out
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    # The per-row vectors are read at a row's index: unit stride (a no-op when they have it).
+    temperature, seeds = temperature.contiguous(), seeds.contiguous()
+    rows = None if rows is None else rows.contiguous()
     block = max(64, min(_BLOCK, triton.next_power_of_2(vocab)))
     chunks = triton.cdiv(vocab, block)
     best_score = torch.empty((num_rows, chunks), dtype=torch.float32, device=logits.device)
@@ -168,6 +175,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     if num_rows == 0:
         return
     assert logits.stride(1) == 1 and bitmask.stride(1) == 1
+    rows = rows.contiguous()
     launch(_bitmask_kernel, (num_rows, triton.cdiv(vocab, _MASK_BLOCK)),
         logits, bitmask, rows, logits.stride(0), bitmask.stride(0), vocab, BLOCK=_MASK_BLOCK, num_warps=4,
     )  # fmt: skip

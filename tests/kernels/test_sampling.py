@@ -102,7 +102,7 @@ def test_seed_uniform_is_splitmix64_top_bits() -> None:
     got = seed_uniform_ref(torch.tensor(seeds, dtype=torch.int64)).tolist()
     assert got == [(_splitmix64(s % 2**64) >> 40) / 2**24 for s in seeds]
     u = seed_uniform_ref(torch.arange(100_000))
-    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean().item() - 0.5) < 0.005
+    assert u.min() >= 0.0 and u.max() < 1.0 and abs(u.mean().item() - 0.5) < 0.005
 
 
 def _bitmask_loop(logits: torch.Tensor, words: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -147,3 +147,22 @@ def test_gpu_real_shapes_bf16(vocab: int) -> None:
     seeds = torch.randint(0, 2**62, (256,), device="cuda", generator=gen)
     full = sample_race(logits, temps, seeds)
     assert sample_race(logits[17:18], temps[17:18], seeds[17:18])[0] == full[17]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rows_and_bitmask() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.randn(256, 128256, device="cuda", generator=gen).to(torch.bfloat16)
+    temps = torch.full((256,), 0.8, device="cuda")
+    temps[::7] = 0.0
+    seeds = torch.randint(0, 2**62, (256,), device="cuda", generator=gen)
+    rows = torch.randperm(256, device="cuda", generator=gen)[:200]
+    assert torch.equal(sample_race(logits, temps, seeds, rows), sample_race(logits, temps, seeds)[rows])
+    words = torch.randint(-(2**31), 2**31, (40, 4008), device="cuda", generator=gen, dtype=torch.int64)
+    words = words.to(torch.int32)
+    mask_rows = torch.randperm(256, device="cuda", generator=gen)[:40]
+    got, expected = logits.clone(), logits.clone()
+    apply_token_bitmask(got, words, mask_rows)
+    apply_token_bitmask_ref(expected, words, mask_rows)
+    assert torch.equal(got, expected)
