@@ -39,11 +39,13 @@ def make_batch(
     prompts: list[list[int]] | None = None,
     outputs: list[list[int]] | None = None,
     eos: int | None = None,
+    room: int = 2,
 ) -> tuple[InputBatch, np.ndarray, list]:
+    """A persistent batch holding one request per params, with ``room`` tokens to grow."""
     n = len(params)
     prompts = prompts or [[]] * n
     outputs = outputs or [[]] * n
-    width = 2 + max(len(p) + len(o) for p, o in zip(prompts, outputs))
+    width = room + max(len(p) + len(o) for p, o in zip(prompts, outputs))
     batch = InputBatch(n, width, 1)
     states = [
         batch.add(NewRequestData(str(i), prompt, p, [0], 0, output_token_ids=out, eos_token_id=eos))
@@ -295,6 +297,78 @@ def test_penalty_history_takes_the_in_flight_token_from_the_device() -> None:
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_in_flight_tokens_merge_with_the_shipped_history(seed: int) -> None:
+    """The in-flight token may repeat an output or a prompt token, be new, or land on an empty
+    row (whose filler entries are token 0): every case counts it once."""
+    vocab = 16
+    gen = torch.Generator().manual_seed(seed)
+    rep, pres, freq = [1.4, 1.0, 0.6, 1.2, 1.0], [0.3, 1.0, 0.0, -0.5, 0.7], [0.5, 0.25, 1.0, 0.0, 2.0]
+    prompts = [[1, 2, 2], [3], [4, 5], [], []]
+    known = [[0, 6, 6], [7], [], [], [0]]
+    # An output again, a prompt token, a new token, token 0 on two empty rows (one with a known 0).
+    in_flight = [6, 3, 5, 0, 0]
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=r, presence_penalty=p, frequency_penalty=f)
+        for r, p, f in zip(rep, pres, freq)
+    ]
+    batch, rows, states = make_batch(params, prompts, known)
+    batch.num_pending[rows] = 1
+    order = torch.randperm(5, generator=gen).tolist()  # where each row's token sits in the previous step
+    inputs = SamplingInputBuilder(batch, vocab, noise_seed=0).build(
+        rows, states, in_flight={str(i): order[i] for i in range(5)}
+    )
+    prev_sampled = torch.empty(5, dtype=torch.int64)
+    prev_sampled[order] = torch.tensor(in_flight)
+    md = inputs.metadata([torch.from_numpy(a) for a in inputs.arrays], prev_sampled)
+    logits = torch.randn(5, vocab, generator=gen) * 2
+    expected = reference_penalties(
+        logits, prompts, [[*k, t] for k, t in zip(known, in_flight)], pres, freq, rep
+    )
+    torch.testing.assert_close(apply_processors(logits, md), expected)
+
+
+def test_penalty_histories_follow_the_batch_between_steps() -> None:
+    """The builder keeps each penalised row's history between steps: after tokens are appended
+    (one per step, or several at once) and a row is taken by a new request, its inputs equal a
+    fresh builder's."""
+    vocab = 20
+    params = [
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(presence_penalty=1.0),
+        SamplingParams(frequency_penalty=-1.0, repetition_penalty=0.9),
+    ]
+    batch, rows, states = make_batch(params, [[1, 2, 3], [4], [5, 5]], [[], [6], [7, 7]], room=10)
+    kept = SamplingInputBuilder(batch, vocab, noise_seed=0)
+    logits = torch.randn(3, vocab)
+
+    def processed() -> tuple[torch.Tensor, torch.Tensor]:
+        both = []
+        for builder in (kept, SamplingInputBuilder(batch, vocab, noise_seed=0)):
+            inputs = builder.build(rows, states)
+            both.append(
+                apply_processors(logits, inputs.metadata([torch.from_numpy(a) for a in inputs.arrays], None))
+            )
+        return both[0], both[1]
+
+    for appended in ([6, 4, 7], [2, 9, 19], [6, 6, 1]):
+        for row, token in zip(rows.tolist(), appended):
+            batch.append_token(row, token)
+        kept_out, fresh = processed()
+        assert torch.equal(kept_out, fresh)
+    for token in (3, 3, 11):  # several tokens between two steps (a resumed request's outputs)
+        batch.append_token(int(rows[0]), token)
+    kept_out, fresh = processed()
+    assert torch.equal(kept_out, fresh)
+    batch.remove("1")  # the row is taken by a new request
+    new = batch.add(NewRequestData("new", [8, 8], SamplingParams(repetition_penalty=2.0), [0], 0))
+    assert new.row == rows[1]
+    states[1] = new
+    kept_out, fresh = processed()
+    assert torch.equal(kept_out, fresh)
+    assert torch.equal(kept_out[1], reference_penalties(logits[1:2], [[8, 8]], [[]], [0.0], [0.0], [2.0])[0])
+
+
 # --------------------------------------------------------------------------- bias, min_tokens, bitmask
 
 
@@ -434,9 +508,9 @@ def test_processors_match_hf_on_a_mixed_batch(seed: int) -> None:
         for i, p in enumerate(MIXED)
         if p.repetition_penalty != 1.0 or (p.temperature > 0 and (p.top_k or p.top_p < 1 or p.min_p))
     ]
-    assert md.processed is not None and md.processed.tolist() == needs, "only the rows that need it"
+    assert md.processed is not None and sorted(md.processed.tolist()) == needs, "only the rows that need it"
     got = apply_processors(logits, md)
-    for slot, row in enumerate(needs):
+    for slot, row in enumerate(md.processed.tolist()):
         expected = hf_reference(logits[row], MIXED[row], prompts[row] + outputs[row])
         assert torch.equal(got[slot].isinf(), expected.isinf()), f"row {row}: the masks differ"
         torch.testing.assert_close(got[slot], expected)
@@ -601,3 +675,38 @@ def test_half_precision_logits_are_sampled_in_float32() -> None:
     out = sample(logits, build_md([SamplingParams(temperature=0.0, logprobs=3)] * 4, vocab=64))
     assert torch.equal(out.token_ids, logits.float().argmax(-1))
     assert out.logprobs is not None and out.logprobs.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_mixed_batch_matches_the_cpu_processors_and_keeps_seeds() -> None:
+    """On CUDA: the processors give the CPU's logits on a mixed bf16 batch (up to a boundary
+    token's rounding), sampled tokens lie in the kept sets, and a seeded row's token does not
+    depend on the other rows' kinds."""
+    vocab, batch = 32000, 64
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(batch, vocab, generator=gen) * 3).to(torch.bfloat16)
+    mixed = [SamplingParams(temperature=0.8, seed=i) for i in range(batch)]
+    for i in range(0, batch, 4):
+        mixed[i] = MIXED[(i // 4) % len(MIXED)].clone(seed=i)
+    plain = [SamplingParams(temperature=0.8, seed=i) for i in range(batch)]
+    prompts = [torch.randint(0, vocab, (30,), generator=gen).tolist() for _ in mixed]
+    outputs = [torch.randint(0, vocab, (10,), generator=gen).tolist() for _ in mixed]
+
+    def cuda_md(params: list[SamplingParams]) -> SamplingMetadata:
+        batch_, rows, states = make_batch(params, prompts, outputs)
+        inputs = SamplingInputBuilder(batch_, vocab, noise_seed=0).build(rows, states)
+        return inputs.metadata([torch.from_numpy(a).cuda() for a in inputs.arrays], None)
+
+    md = cuda_md(mixed)
+    kept = apply_processors(logits.cuda(), md).cpu()
+    expected = apply_processors(logits, build_md(mixed, prompts, outputs, vocab=vocab))
+    assert (kept.isinf() != expected.isinf()).sum() <= 2
+    both = kept.isfinite() & expected.isfinite()
+    torch.testing.assert_close(kept[both], expected[both])
+    out = sample(logits.cuda(), md)
+    assert md.processed is not None
+    assert kept.gather(1, out.token_ids[md.processed].cpu()[:, None]).isfinite().all()
+    alone = sample(logits.cuda(), cuda_md(plain))
+    untouched = [i for i in range(batch) if i % 4]
+    assert torch.equal(out.token_ids[untouched], alone.token_ids[untouched])

@@ -51,6 +51,10 @@ class StepSamplingInputs:
     names: list[str] = field(default_factory=list)
     arrays: list[np.ndarray] = field(default_factory=list)
     all_greedy: bool = True
+    # [start, stop) of the processed rows each truncation processor works on
+    top_k_range: tuple[int, int] | None = None
+    min_p_range: tuple[int, int] | None = None
+    top_p_range: tuple[int, int] | None = None
     max_top_k: int = 0
     top_k_with_top_p: bool = False  # some top-k row also has top-p
     any_repetition: bool = False
@@ -76,56 +80,112 @@ class StepSamplingInputs:
         if "bias_rows" in t:
             md.processors.append(LogitBias(t["bias_rows"], t["bias_tokens"], t["bias_values"]))
         if "penalty_rows" in t:
-            history = t["history"]
-            if "history_dst" in t:
+            params = t["penalty_params"]
+            penalties = Penalties(
+                rows=t["penalty_rows"],
+                presence=params[:, 0],
+                frequency=params[:, 1],
+                repetition=params[:, 2],
+                tokens=t["penalty_tokens"],
+                counts=t["penalty_counts"],
+                seen=t["penalty_seen"],
+                any_repetition=self.any_repetition,
+            )
+            if "in_flight_rows" in t:
                 if prev_sampled is None:
                     raise RuntimeError(
                         "a penalised row's last token is in flight but no previous step was given"
                     )
-                history.view(-1)[t["history_dst"]] = prev_sampled[t["history_src"]]
-            params = t["penalty_params"]
-            md.processors.append(
-                Penalties(
-                    rows=t["penalty_rows"],
-                    presence=params[:, 0],
-                    frequency=params[:, 1],
-                    repetition=params[:, 2],
-                    history=history,
-                    prompt_lens=t["history_prompt_lens"],
-                    any_repetition=self.any_repetition,
-                )
-            )
-        if "min_p_rows" in t:
+                rows = t["penalty_rows"]
+                penalties.in_flight = torch.full_like(rows, -1)
+                penalties.in_flight[t["in_flight_rows"]] = prev_sampled[t["in_flight_src"]]
+            md.processors.append(penalties)
+        if self.min_p_range is not None:
             params = t["min_p_params"]
-            md.processors.append(MinP(t["min_p_rows"], min_p=params[:, 0], temperature=params[:, 1]))
-        if "top_k_rows" in t:
+            md.processors.append(MinP(*self.min_p_range, min_p=params[:, 0], temperature=params[:, 1]))
+        if self.top_k_range is not None:
             params = t["top_k_params"]
             md.processors.append(
                 TopKTopP(
-                    rows=t["top_k_rows"],
+                    *self.top_k_range,
                     top_k=t["top_k"],
                     max_top_k=self.max_top_k,
                     temperature=params[:, 1],
                     top_p=params[:, 0] if self.top_k_with_top_p else None,
                 )
             )
-        if "top_p_rows" in t:
+        if self.top_p_range is not None:
             params = t["top_p_params"]
-            md.processors.append(TopP(t["top_p_rows"], top_p=params[:, 0], temperature=params[:, 1]))
+            md.processors.append(TopP(*self.top_p_range, top_p=params[:, 0], temperature=params[:, 1]))
         return md
+
+
+# Processed rows are ordered by truncation group so that every truncation processor's rows are one
+# contiguous range of the working tensor (a view, no gather): top-k in groups 0-1, min-p in 1-3,
+# top-p without top-k in 3-4.
+_TOP_K, _TOP_K_MIN_P, _MIN_P, _MIN_P_TOP_P, _TOP_P, _NO_TRUNCATION = range(6)
+
+
+@dataclass(slots=True)
+class _Row:
+    """A row that needs processing: its step position, truncation group and parameters."""
+
+    position: int
+    group: int
+    temperature: float
+    min_p: float
+    top_k: int
+    top_p: float
+
+
+@dataclass(slots=True)
+class _History:
+    """A penalised row's distinct history tokens and how often each is an output token: entries
+    in first-seen order in arrays that grow by doubling, with a token -> entry index."""
+
+    state: RequestState  # the request the row holds
+    length: int  # the row's tokens taken in so far
+    index: dict[int, int]
+    tokens: np.ndarray  # int64 [capacity]; the first ``size`` are used
+    counts: np.ndarray  # fp32 [capacity]
+    size: int
+
+    @classmethod
+    def of_prompt(cls, state: RequestState, prompt: np.ndarray) -> _History:
+        tokens = np.unique(prompt)
+        index = dict(zip(tokens.tolist(), range(len(tokens))))
+        capacity = max(16, 2 * len(tokens))
+        history = cls(
+            state,
+            state.num_prompt_tokens,
+            index,
+            np.zeros(capacity, np.int64),
+            np.zeros(capacity, np.float32),
+            len(tokens),
+        )
+        history.tokens[: len(tokens)] = tokens
+        return history
+
+    def add_outputs(self, new: np.ndarray) -> None:
+        for token in new.tolist():
+            i = self.index.get(token)
+            if i is None:
+                if self.size == len(self.tokens):
+                    self.tokens = np.concatenate([self.tokens, np.zeros_like(self.tokens)])
+                    self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
+                i = self.index[token] = self.size
+                self.tokens[i] = token
+                self.size += 1
+            self.counts[i] += 1.0
 
 
 @dataclass(slots=True)
 class _General:
-    """Per-feature lists of the rows that need processing, while they are collected."""
+    """What the rows that need more than temperature and seed ask for, while it is collected."""
 
-    processed: list[int] = field(default_factory=list)  # step positions
-    bias: list[tuple[int, int, float]] = field(default_factory=list)  # (slot, token, value)
-    penalties: list[int] = field(default_factory=list)  # step positions, in slot order
-    penalty_slots: list[int] = field(default_factory=list)
-    min_p: list[tuple[int, float, float]] = field(default_factory=list)  # (slot, min_p, T)
-    top_k: list[tuple[int, int, float, float]] = field(default_factory=list)  # (slot, k, top_p, T)
-    top_p: list[tuple[int, float, float]] = field(default_factory=list)  # (slot, top_p, T)
+    processed: list[_Row] = field(default_factory=list)
+    bias: list[tuple[int, int, float]] = field(default_factory=list)  # (step position, token, value)
+    penalties: list[int] = field(default_factory=list)  # step positions
     logprobs: list[int] = field(default_factory=list)  # step positions
     max_num_logprobs: int = 0
 
@@ -138,6 +198,8 @@ class SamplingInputBuilder:
         self.vocab_size = vocab_size
         # Noise seeds of unseeded rows: every TP rank seeds this the same, so all draw the same.
         self._noise_rng = np.random.default_rng(noise_seed)
+        # Penalised rows' histories, per row (a row's entry is rebuilt when it holds a new request).
+        self._histories: dict[int, _History] = {}
 
     def build(
         self,
@@ -201,38 +263,33 @@ class SamplingInputBuilder:
         for i, num_out in zip(candidates.tolist(), num_outputs.tolist()):
             state = states[i]
             p = state.sampling_params
-            slot = len(general.processed)
             processed = False
             if p.logprobs is not None:
                 general.logprobs.append(i)
                 general.max_num_logprobs = max(general.max_num_logprobs, p.logprobs)
             if p.logit_bias:
-                general.bias += [(slot, token, bias) for token, bias in p.logit_bias.items()]
+                general.bias += [(i, token, bias) for token, bias in p.logit_bias.items()]
                 processed = True
             if num_out < p.min_tokens:
                 blocked = [t for t in p.stop_token_ids if t < vocab]
                 if state.eos_token_id is not None and not p.ignore_eos and state.eos_token_id < vocab:
                     blocked.append(state.eos_token_id)
-                general.bias += [(slot, token, -np.inf) for token in blocked]
+                general.bias += [(i, token, -np.inf) for token in blocked]
                 processed = processed or bool(blocked)
             if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
                 general.penalties.append(i)
-                general.penalty_slots.append(slot)
                 processed = True
+            group = _NO_TRUNCATION
+            top_k = p.top_k if p.top_k < vocab else 0  # k >= vocab keeps everything
             if not greedy[i]:
-                t = p.temperature
-                if p.min_p > 0.0:
-                    general.min_p.append((slot, p.min_p, t))
-                    processed = True
-                top_k = p.top_k if p.top_k < vocab else 0  # k >= vocab keeps everything
-                if top_k > 0:
-                    general.top_k.append((slot, top_k, p.top_p, t))
-                    processed = True
+                if top_k:
+                    group = _TOP_K_MIN_P if p.min_p > 0.0 else _TOP_K
                 elif p.top_p < 1.0:
-                    general.top_p.append((slot, p.top_p, t))
-                    processed = True
-            if processed:
-                general.processed.append(i)
+                    group = _MIN_P_TOP_P if p.min_p > 0.0 else _TOP_P
+                elif p.min_p > 0.0:
+                    group = _MIN_P
+            if processed or group != _NO_TRUNCATION:
+                general.processed.append(_Row(i, group, p.temperature, p.min_p, top_k, p.top_p))
         return general
 
     def _add_general(
@@ -249,75 +306,95 @@ class SamplingInputBuilder:
                 inputs.add("logprob_rows", np.array(general.logprobs, dtype=np.int64))
         if not general.processed:
             return
-        processed = np.array(general.processed, dtype=np.int64)
+        ordered = sorted(general.processed, key=lambda r: r.group)
+        slot_of = {r.position: slot for slot, r in enumerate(ordered)}
+        processed = np.array([r.position for r in ordered], dtype=np.int64)
         unprocessed = np.ones(len(rows), dtype=bool)
         unprocessed[processed] = False
         inputs.add("processed", processed)
         inputs.add("unprocessed", np.flatnonzero(unprocessed).astype(np.int64))
         if general.bias:
-            slots, tokens, values = zip(*general.bias)
-            inputs.add("bias_rows", np.array(slots, dtype=np.int64))
+            positions, tokens, values = zip(*general.bias)
+            inputs.add("bias_rows", np.array([slot_of[i] for i in positions], dtype=np.int64))
             inputs.add("bias_tokens", np.array(tokens, dtype=np.int64))
             inputs.add("bias_values", np.array(values, dtype=np.float32))
         if general.penalties:
-            self._add_penalties(inputs, general, rows, states, in_flight)
-        if general.min_p:
-            slots, min_p, temps = zip(*general.min_p)
-            inputs.add("min_p_rows", np.array(slots, dtype=np.int64))
-            inputs.add("min_p_params", np.array([min_p, temps], dtype=np.float32).T.copy())
-        if general.top_k:
-            slots, ks, top_p, temps = zip(*general.top_k)
-            inputs.max_top_k = max(ks)
-            inputs.top_k_with_top_p = min(top_p) < 1.0
-            inputs.add("top_k_rows", np.array(slots, dtype=np.int64))
-            inputs.add("top_k", np.array(ks, dtype=np.int64))
-            inputs.add("top_k_params", np.array([top_p, temps], dtype=np.float32).T.copy())
-        if general.top_p:
-            slots, top_p, temps = zip(*general.top_p)
-            inputs.add("top_p_rows", np.array(slots, dtype=np.int64))
-            inputs.add("top_p_params", np.array([top_p, temps], dtype=np.float32).T.copy())
+            self._add_penalties(inputs, general, slot_of, rows, states, in_flight)
+        groups = np.array([r.group for r in ordered])
+        bounds = np.searchsorted(groups, np.arange(_NO_TRUNCATION + 1)).tolist()
+        top_k = ordered[bounds[_TOP_K] : bounds[_MIN_P]]
+        if top_k:
+            inputs.top_k_range = (bounds[_TOP_K], bounds[_MIN_P])
+            inputs.max_top_k = max(r.top_k for r in top_k)
+            inputs.top_k_with_top_p = any(r.top_p < 1.0 for r in top_k)
+            inputs.add("top_k", np.array([r.top_k for r in top_k], dtype=np.int64))
+            inputs.add("top_k_params", np.array([(r.top_p, r.temperature) for r in top_k], dtype=np.float32))
+        min_p = ordered[bounds[_TOP_K_MIN_P] : bounds[_TOP_P]]
+        if min_p:
+            inputs.min_p_range = (bounds[_TOP_K_MIN_P], bounds[_TOP_P])
+            inputs.add("min_p_params", np.array([(r.min_p, r.temperature) for r in min_p], dtype=np.float32))
+        top_p = ordered[bounds[_MIN_P_TOP_P] : bounds[_NO_TRUNCATION]]
+        if top_p:
+            inputs.top_p_range = (bounds[_MIN_P_TOP_P], bounds[_NO_TRUNCATION])
+            inputs.add("top_p_params", np.array([(r.top_p, r.temperature) for r in top_p], dtype=np.float32))
 
     def _add_penalties(
         self,
         inputs: StepSamplingInputs,
         general: _General,
+        slot_of: Mapping[int, int],
         rows: np.ndarray,
         states: Sequence[RequestState],
         in_flight: Mapping[str, int] | None,
     ) -> None:
-        batch = self.batch
-        positions = np.array(general.penalties, dtype=np.int64)
-        params = [states[i].sampling_params for i in general.penalties]
+        """Each penalised row's distinct history tokens with their output counts (the prompt's
+        only where the repetition penalty is not 1), packed one row per penalised request."""
+        positions = general.penalties
+        params = [states[i].sampling_params for i in positions]
         values = np.array(
             [(p.presence_penalty, p.frequency_penalty, p.repetition_penalty) for p in params],
             dtype=np.float32,
         )
-        batch_rows = rows[positions]
-        known = batch.num_tokens[batch_rows]
-        pending = batch.num_pending[batch_rows]
-        num_prompt = batch.num_prompt[batch_rows]
-        # A row without a repetition penalty needs its output tokens only: its prompt stays home.
-        repetition = values[:, 2] != 1.0
-        start = np.where(repetition, 0, num_prompt)
-        num_known = known - start
-        width = max(1, int((num_known + pending).max()))
-        cols = np.arange(width)
-        source = np.minimum(start[:, None] + cols, batch.max_model_len - 1)
-        history = np.where(
-            cols < num_known[:, None], batch.token_ids[batch_rows[:, None], source], self.vocab_size
-        )
-        inputs.any_repetition = bool(repetition.any())
-        inputs.add("penalty_rows", np.array(general.penalty_slots, dtype=np.int64))
+        histories = [self._history(states[i], int(rows[i])) for i in positions]
+        width = max(1, max(h.size for h in histories))
+        tokens = np.zeros((len(positions), width), dtype=np.int64)
+        counts = np.zeros((len(positions), width), dtype=np.float32)
+        seen = np.zeros((len(positions), width), dtype=bool)
+        for j, h in enumerate(histories):
+            if h.size:  # unused entries repeat the first; an empty row's stay token 0, unseen
+                n = h.size
+                tokens[j, :n], tokens[j, n:] = h.tokens[:n], h.tokens[0]
+                counts[j, :n], counts[j, n:] = h.counts[:n], h.counts[0]
+                seen[j] = True
+        inputs.any_repetition = bool((values[:, 2] != 1.0).any())
+        inputs.add("penalty_rows", np.array([slot_of[i] for i in positions], dtype=np.int64))
         inputs.add("penalty_params", values)
-        inputs.add("history", history)
-        inputs.add("history_prompt_lens", (num_prompt - start).astype(np.int64))
-        waiting = np.flatnonzero(pending)
+        inputs.add("penalty_tokens", tokens)
+        inputs.add("penalty_counts", counts)
+        inputs.add("penalty_seen", seen)
+        waiting = np.flatnonzero(self.batch.num_pending[rows[positions]])
         if len(waiting):
             if in_flight is None:
                 raise RuntimeError("a penalised row's last token is in flight but no previous step was given")
-            src = [in_flight[states[general.penalties[j]].req_id] for j in waiting.tolist()]
-            inputs.add("history_dst", waiting * width + num_known[waiting])
-            inputs.add("history_src", np.array(src, dtype=np.int64))
+            src = [in_flight[states[positions[j]].req_id] for j in waiting.tolist()]
+            inputs.add("in_flight_rows", waiting.astype(np.int64))
+            inputs.add("in_flight_src", np.array(src, dtype=np.int64))
+
+    def _history(self, state: RequestState, row: int) -> _History:
+        """The distinct tokens of ``row``'s history with their output counts, brought up to the
+        tokens the host knows: kept per row, so a step adds only the tokens new since the last."""
+        batch = self.batch
+        history = self._histories.get(row)
+        if history is None or history.state is not state:
+            with_prompt = state.sampling_params.repetition_penalty != 1.0
+            prompt = batch.token_ids[row, : state.num_prompt_tokens if with_prompt else 0]
+            history = self._histories[row] = _History.of_prompt(state, prompt[prompt < self.vocab_size])
+        known = int(batch.num_tokens[row])
+        if known > history.length:
+            new = batch.token_ids[row, history.length : known]
+            history.add_outputs(new[new < self.vocab_size])
+            history.length = known
+        return history
 
 
 def profile_sampling_inputs(num_rows: int, vocab_size: int) -> list[StepSamplingInputs]:

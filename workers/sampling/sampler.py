@@ -105,7 +105,8 @@ def _sample_processed(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tenso
     tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     if md.unprocessed.numel():
         tokens[md.unprocessed] = ops.sample_race(logits, md.temperature, md.seeds, md.unprocessed)
-    tokens[md.processed] = ops.sample_race(work, md.temperature[md.processed], md.seeds[md.processed])
+    temperature, seeds = md.temperature[md.processed], md.seeds[md.processed]
+    tokens[md.processed] = ops.sample_race(work, temperature, seeds, scratch=True)
     return tokens
 
 
