@@ -227,7 +227,8 @@ def main() -> None:
         base = Path(args.baseline_root).resolve()
         shared = ("batch", "vocab", "prompt_len", "output_len", "warmup", "repeats")
         forwarded = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shared]
-        env = {**os.environ, "PYTHONPATH": str(base)}
+        # The baseline's packages first: its ``workers`` hides this checkout's.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(base), os.environ.get("PYTHONPATH", "")])}
         done = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--measure-only", *forwarded],
             cwd=base, env=env, check=True, capture_output=True, text=True,
