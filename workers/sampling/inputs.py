@@ -6,10 +6,11 @@ temperature and seed. The result, ``StepSamplingInputs``, is a list of numpy arr
 the step's one host-to-device upload with the other step inputs, and ``metadata`` turns the
 uploaded tensors into the device-side ``SamplingMetadata``. Nothing here waits for the device.
 
-Penalties need every output token, and with async scheduling the previous step's token may still
-be on its way to the host: the history shipped for a penalised row holds the tokens the host knows
-and a slot for the one in flight, which ``metadata`` fills on the device from the previous step's
-sampled-token tensor (as the step's input ids are filled).
+Penalties need each penalised row's distinct history tokens with their output counts; the builder
+keeps them per row and adds, each step, only the tokens new since the last. With async scheduling
+the previous step's token may still be on its way to the host: ``metadata`` takes it from the
+previous step's sampled-token tensor on the device (as the step's input ids are filled), and the
+penalties processor counts it there.
 """
 
 from __future__ import annotations
