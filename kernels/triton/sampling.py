@@ -124,7 +124,9 @@ def sample_race(
     The kernel never writes the logits (``scratch`` lets the reference do so)."""
     vocab = logits.shape[1]
     num_rows = logits.shape[0] if rows is None else rows.shape[0]
-    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    # Zeros, not empty: inside parallel_compile the kernels do not run, and warm-up passes still
+    # read the tokens as indices (logprobs).
+    out = torch.zeros(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
     if logits.stride(1) != 1:
