@@ -14,8 +14,9 @@ tokens each, temperature 0.8, unseeded:
   top_p_only    10 % of rows top_p=0.9 without top-k (the rows that must sort)
 A step is what the engine does per step: the sampling inputs built on the host from the
 persistent batch, their upload, the sampler, and (CUDA) a synchronize; untimed, its tokens then
-join the batch, as a decode step's do. Cases run interleaved after a warm-up; the record holds
-medians and the ratio mixed / temperature (the target is at most 1.15).
+join the batch, as a decode step's do. After a warm-up the cases take turns in blocks of --block
+timed steps, each block after one untimed step of its case; the record holds medians and the
+ratio mixed / temperature (the target is at most 1.15).
 
 --baseline-root runs the same measurement, in a subprocess, on another checkout (the code before
 the logits-processor pipeline: ModelRunner._sampling_arrays + workers.sampler.sample) and records
@@ -83,7 +84,7 @@ def step_fn(
     import numpy as np
 
     params = case_params(case, args.batch)
-    max_len = args.prompt_len + args.output_len + args.warmup + args.repeats + 8
+    max_len = args.prompt_len + args.output_len + args.warmup + 2 * args.repeats + 8
     try:
         from workers.input_batch import InputBatch
         from workers.sampling import SamplingInputBuilder, sample
@@ -170,9 +171,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for fn in steps.values():
             timed(fn)
     samples: dict[str, list[float]] = {case: [] for case in CASES}
-    for _ in range(args.repeats):  # interleaved: a shared host's drift hits every case alike
+    # Blocks of consecutive steps per case, the cases in turn: a shared host's drift hits every
+    # case alike, and each timed step follows a step of its own kind, as in an engine (a step
+    # right after another case's pays for that case's allocation pattern: it is not timed).
+    for _ in range(-(-args.repeats // args.block)):
         for case, fn in steps.items():
-            samples[case].append(timed(fn))
+            timed(fn)
+            samples[case] += [timed(fn) for _ in range(args.block)]
     median = {case: statistics.median(ms) for case, ms in samples.items()}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -195,7 +200,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per case")
+    parser.add_argument("--block", type=int, default=5, help="consecutive timed steps of one case")
     parser.add_argument("--baseline-root", help="another checkout to measure the same way")
     parser.add_argument("--baseline-commit", help="the baseline's commit, where its root has no git")
     parser.add_argument("--commit", help="this checkout's commit, where it has no git (the GPU machine)")
@@ -225,7 +231,7 @@ def main() -> None:
     record["device"]["sampler_device"] = result["device"]
     if args.baseline_root:
         base = Path(args.baseline_root).resolve()
-        shared = ("batch", "vocab", "prompt_len", "output_len", "warmup", "repeats")
+        shared = ("batch", "vocab", "prompt_len", "output_len", "warmup", "repeats", "block")
         forwarded = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shared]
         # The baseline's packages first: its ``workers`` hides this checkout's.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(base), os.environ.get("PYTHONPATH", "")])}
