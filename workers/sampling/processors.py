@@ -120,9 +120,9 @@ class MinP:
 
 
 def _mask_below(x: torch.Tensor, low: torch.Tensor) -> None:
-    """x[i, j] = -inf where x[i, j] < low[i, 0], in place (``torch.where`` into ``x``: on CPU
-    several times faster than ``masked_fill_``)."""
-    torch.where(x >= low, x, x.new_full((), -math.inf), out=x)
+    """x[i, j] = -inf where x[i, j] < low[i, 0], in place. ``torch.where`` and a copy back: on CPU
+    several times faster than ``masked_fill_``, and faster than ``where`` into its own input."""
+    x.copy_(torch.where(x >= low, x, x.new_full((), -math.inf)))
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
