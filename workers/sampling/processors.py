@@ -119,6 +119,31 @@ class MinP:
         _mask_below(x, x.amax(dim=-1, keepdim=True) + (self.temperature * self.min_p.log())[:, None])
 
 
+# Top-k looks at the ``k`` chunks of this many tokens with the largest maxima first.
+_CHUNK = 64
+
+
+def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] each row's k largest values, sorted descending (``x.topk(k).values``).
+
+    Two stages when the row splits into at least ``4 k`` chunks: every value above the k-th
+    largest chunk maximum lies in one of the k chunks with the largest maxima (a chunk outside
+    them has a maximum no larger), and so do enough values equal to it; so the k largest of those
+    k chunks are the row's. One reduction over the row replaces a selection over it."""
+    rows, vocab = x.shape
+    chunks = vocab // _CHUNK
+    if vocab % _CHUNK or chunks < 4 * k:
+        return x.topk(k, dim=-1).values
+    blocks = x.view(rows, chunks, _CHUNK)
+    best = blocks.amax(dim=-1).topk(k, dim=-1).indices
+    return (
+        blocks.gather(1, best[:, :, None].expand(rows, k, _CHUNK))
+        .view(rows, k * _CHUNK)
+        .topk(k, dim=-1)
+        .values
+    )
+
+
 def _mask_below(x: torch.Tensor, low: torch.Tensor) -> None:
     """x[i, j] = -inf where x[i, j] < low[i, 0], in place. ``torch.where`` and a copy back: on CPU
     several times faster than ``masked_fill_``, and faster than ``where`` into its own input."""
@@ -161,14 +186,15 @@ class TopKTopP:
 
     def apply(self, logits: torch.Tensor) -> None:
         x = logits[self.start : self.stop]
-        candidates = x.topk(self.max_top_k, dim=-1).values
+        candidates = _largest(x, self.max_top_k)
         low = candidates.gather(1, self.top_k[:, None] - 1)
         if self.top_p is not None:
             valid = torch.arange(self.max_top_k, device=x.device)[None, :] < self.top_k[:, None]
             scale = self.temperature.reciprocal()[:, None]
             probs = ((candidates - candidates[:, :1]) * scale).exp() * valid
-            # Tokens tied with the k-th logit beyond the row's k candidates are kept by top-k too.
-            ties = _count(x == low) - _count((candidates == low) & valid)
+            # Tokens tied with the k-th logit beyond the row's k candidates are kept by top-k too:
+            # all tokens at or above it, less the candidates.
+            ties = _count(x >= low) - _count(valid)
             total = probs.sum(dim=-1, keepdim=True) + ties * ((low - candidates[:, :1]) * scale).exp()
             low = _nucleus_cut(candidates, probs / total, self.top_p, valid)[:, None]
         _mask_below(x, low)
