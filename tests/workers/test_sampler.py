@@ -522,6 +522,28 @@ def test_top_k_top_p_keeps_tokens_tied_with_the_cut() -> None:
     assert apply_processors(logits, md).isfinite().tolist() == [[True, True, True, True, False, True]]
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.3, 0.7, 0.95])
+def test_top_k_top_p_with_ties_keeps_whole_value_groups(top_p: float) -> None:
+    """Logits with many ties (as bf16 logits have), a vocabulary large enough for the two-stage
+    top-k: top-k keeps every token at or above the k-th value (as HF's TopKLogitsWarper), and
+    top-p keeps a value's tokens when the mass of the larger values is below top_p."""
+    vocab, k, temperature = 4096, 16, 0.7
+    gen = torch.Generator().manual_seed(int(top_p * 100))
+    logits = (torch.randn(6, vocab, generator=gen) * 2).round() / 2
+    logits[5] = 0.0  # one value everywhere: every token is tied with the k-th
+    md = build_md([SamplingParams(temperature=temperature, top_k=k, top_p=top_p)] * 6, vocab=vocab)
+    got = apply_processors(logits, md).isfinite()
+    top_k = TopKLogitsWarper(k)(None, logits.clone()).isfinite()
+    for row in range(6):
+        x = logits[row]
+        kept = x >= x.topk(k).values[-1]
+        assert torch.equal(kept, top_k[row])
+        probs = torch.where(kept, x / temperature, -math.inf).softmax(-1)
+        above = (probs[None, :] * (x[None, :] > x[:, None])).sum(-1)  # mass of larger values
+        expected = kept & ((above < top_p) | (top_p >= 1.0))
+        assert torch.equal(got[row], expected), row
+
+
 # --------------------------------------------------------------------------- no cliffs
 
 
