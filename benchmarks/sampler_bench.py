@@ -218,12 +218,13 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import cpu_bench_record, git, save_json
 
+    load_before = os.getloadavg()[0]
     result = measure(args)
     print(json.dumps(result, indent=2))
     record = cpu_bench_record(
         "sampler_pipeline",
         "Sampler step (host inputs + upload + sample) at a mixed batch against temperature-only",
-        os.getloadavg()[0],
+        load_before,
         {"torch": result["torch"]},
         {k: v for k, v in vars(args).items() if k not in ("out", "measure_only", "commit")},
         [result],
