@@ -18,6 +18,7 @@ import torch
 
 from kernels.gemm import GemmPlan, torch_linear
 from kernels.reference import (
+    apply_token_bitmask_ref,
     fused_add_rms_norm_ref,
     paged_attention_ref,
     rms_norm_ref,
@@ -103,7 +104,19 @@ def rope_write_kv(
     return rope_write_kv_ref(positions, query, key, value, k_cache, v_cache, slot_mapping, cos_sin_cache)
 
 
-def sample_race(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def sample_race(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    scratch: bool = False,
+) -> torch.Tensor:
     if logits.is_cuda:
-        return _triton("sampling").sample_race(logits, temperature, seeds)
-    return sample_race_ref(logits, temperature, seeds)
+        return _triton("sampling").sample_race(logits, temperature, seeds, rows, scratch)
+    return sample_race_ref(logits, temperature, seeds, rows, scratch)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    if logits.is_cuda:
+        return _triton("sampling").apply_token_bitmask(logits, bitmask, rows)
+    return apply_token_bitmask_ref(logits, bitmask, rows)

@@ -181,21 +181,77 @@ def rope_write_kv_ref(
     write_kv_ref(rotated_key, value, k_cache, v_cache, slot_mapping)
 
 
+# splitmix64 constants (Steele, Lea, Flood), as signed int64: torch integer arithmetic wraps.
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
+_SPLITMIX_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_SPLITMIX_M2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _logical_shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x >> bits`` on the 64-bit pattern (int64 ``>>`` is arithmetic: clear the copied sign bits)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def seed_uniform_ref(seeds: torch.Tensor) -> torch.Tensor:
+    """One uniform in [0, 1) per int64 seed: splitmix64 of the seed, top 24 bits. fp32 [B].
+
+    A counter-based draw: a function of the seed alone, computed for the whole batch at once (no
+    generator object, no state)."""
+    z = seeds.to(torch.int64) + _SPLITMIX_GAMMA
+    z = (z ^ _logical_shift(z, 30)) * _SPLITMIX_M1
+    z = (z ^ _logical_shift(z, 27)) * _SPLITMIX_M2
+    z = z ^ _logical_shift(z, 31)
+    return _logical_shift(z, 40).to(torch.float32) * 2.0**-24
+
+
 def sample_race_ref(
     logits: torch.Tensor,  # [B, V], any float dtype
     temperature: torch.Tensor,  # fp32 [B]; < 1e-5 = greedy
     seeds: torch.Tensor,  # int64 [B]
+    rows: torch.Tensor | None = None,  # int64 [R]: sample only these rows (None: every row)
+    scratch: bool = False,  # the caller is done with fp32 ``logits``: they may be overwritten
 ) -> torch.Tensor:
-    """Temperature sampling as ``argmax(logits / T + Gumbel)``, greedy rows as argmax; int64 [B].
+    """A token from ``softmax(logits / T)`` per row (greedy rows: the argmax, lowest index on
+    ties); int64 [B], or [R] for the rows ``rows`` names. ``logits`` is not modified unless
+    ``scratch`` allows it.
 
-    Row r's noise comes from a generator seeded with ``seeds[r]``: a row's token depends only on
-    its logits and its seed. (The Triton kernel draws its noise with Philox instead: the same
-    distribution and the same determinism, not the same bits.)
+    A row's token depends only on its logits and its seed. The Triton kernel samples the same
+    distribution as ``argmax(logits / T + Gumbel)`` with Philox noise per token; this reference
+    inverts the row's cumulative distribution at one uniform drawn from the seed
+    (``seed_uniform_ref``), which needs one random number per row instead of one per token: the
+    same distribution and the same determinism, not the same bits.
     """
-    x = logits.float()
-    out = x.argmax(dim=-1)
-    for row in torch.nonzero(temperature >= 1e-5).flatten().tolist():
-        gen = torch.Generator(device=x.device).manual_seed(int(seeds[row]))
-        exp_noise = torch.empty_like(x[row]).exponential_(generator=gen)
-        out[row] = (x[row] / temperature[row] - exp_noise.log()).argmax()
-    return out
+    if rows is not None:
+        temperature, seeds = temperature[rows], seeds[rows]
+    greedy = temperature < 1e-5
+    if bool(greedy.all()):
+        return (logits if rows is None else logits.index_select(0, rows)).argmax(dim=-1)
+    if rows is not None:
+        x = logits.index_select(0, rows).float()  # a copy already: worked on in place below
+    else:
+        x = logits.float() if scratch else logits.to(torch.float32, copy=True)
+    argmax = x.argmax(dim=-1) if bool(greedy.any()) else None
+    # exp2 of (x - max) * log2(e) / T: torch's exp2 keeps its fast path for -inf (masked
+    # tokens), where exp takes a slow one.
+    top = x.amax(dim=-1, keepdim=True)
+    x -= torch.where(top.isfinite(), top, 0.0)  # an all -inf row has no mass, not NaNs
+    x *= (math.log2(math.e) / torch.where(greedy, 1.0, temperature))[:, None]
+    cdf = x.exp2_().cumsum_(dim=-1)
+    # u <= 1 - 2^-24 keeps u * total below total in fp32, so some cdf entry exceeds it; the first
+    # one that does has positive mass (a zero-mass token repeats its predecessor's cdf value).
+    target = seed_uniform_ref(seeds)[:, None] * cdf[:, -1:]
+    sampled = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=x.shape[1] - 1)
+    return sampled if argmax is None else torch.where(greedy, argmax, sampled)
+
+
+def apply_token_bitmask_ref(
+    logits: torch.Tensor,  # [B, V], modified in place
+    bitmask: torch.Tensor,  # int32 [R, W], W >= ceil(V / 32); bit j of word w allows token 32 w + j
+    rows: torch.Tensor,  # int64 [R]: the rows of ``logits`` the bitmask rows apply to
+) -> None:
+    """Set to -inf every token of the named rows whose bit is clear (the structured-output mask,
+    packed as xgrammar and vLLM pack it)."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

@@ -29,7 +29,13 @@ from workers.cuda_graphs import (
     piecewise_sizes,
 )
 from workers.input_batch import InputBatch, RequestState, ScheduledTokens
-from workers.sampler import SamplerOutput, SamplingMetadata, sample
+from workers.sampling import (
+    SamplerOutput,
+    SamplingInputBuilder,
+    SamplingMetadata,
+    profile_sampling_inputs,
+    sample,
+)
 from workers.staging import HostStaging
 
 logger = logging.getLogger(__name__)
@@ -92,8 +98,8 @@ class ModelRunner:
         self.pieces: PiecewiseGraphs | None = None
         self._last: PendingStep | None = None  # the most recent step that sampled
         self._staging: HostStaging | None = None  # created on the first CUDA step
-        # Noise seeds of unseeded rows; seeded from torch's seed, the same on every TP rank.
-        self._noise_rng = np.random.default_rng(torch.initial_seed())
+        # Unseeded rows' noise seeds come from torch's seed: the same on every TP rank.
+        self.sampling_inputs = SamplingInputBuilder(self.batch, vocab_size, torch.initial_seed())
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -142,9 +148,6 @@ class ModelRunner:
         req_ids = list(so.num_scheduled_tokens)
         states = [batch.states[r] for r in req_ids]
         rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
-        needs_history = batch.special[rows].any() and any(_needs_history(s.sampling_params) for s in states)
-        if self._last is not None and needs_history:
-            self._last.result()  # penalties need every output token on the host
         num_sched = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(states))
         step = batch.schedule(rows, num_sched)
         attn = self.attn_builder.build(
@@ -153,21 +156,26 @@ class ModelRunner:
         in_flight_src = self._in_flight_sources(step, req_ids) if len(step.in_flight) else None
         sample_idx = np.nonzero(step.samples)[0]
         sample_states = [states[i] for i in sample_idx]
-        sampling = self._sampling_arrays(rows[sample_idx], sample_states)
+        last = self._last  # its tokens may still be in flight
+        in_flight_index = last.index_of if last is not None else None
+        sampling = self.sampling_inputs.build(rows[sample_idx], sample_states, in_flight_index)
         # The hidden rows whose logits are needed: each sampling request's last token.
         every_row_samples = step.is_decode and len(sample_idx) == len(rows)
         logit_rows = None if every_row_samples else step.query_start[1:][sample_idx] - 1
         graph = dispatch(self.graphs, self.pieces, step.num_tokens, every_row_samples)
         input_ids, positions, attn = graph.pad(step.input_ids, step.positions, attn)
         arrays = {"input_ids": input_ids, "positions": positions, **attn.arrays()}
-        arrays.update((f"sampling.{i}", a) for i, a in enumerate(sampling.host))
+        arrays.update((f"sampling.{i}", a) for i, a in enumerate(sampling.arrays))
         if logit_rows is not None:
             arrays["logit_rows"] = logit_rows
         if in_flight_src is not None:
             arrays["in_flight"] = step.in_flight
             arrays["in_flight_src"] = in_flight_src
         uploaded = self._upload(arrays)
-        md = sampling.metadata([uploaded[f"sampling.{i}"] for i in range(len(sampling.host))], self)
+        md = sampling.metadata(
+            [uploaded[f"sampling.{i}"] for i in range(len(sampling.arrays))],
+            last.token_ids_dev if last else None,
+        )
         input_ids_dev = uploaded["input_ids"]
         if in_flight_src is not None:
             input_ids_dev[uploaded["in_flight"]] = self._last.token_ids_dev[uploaded["in_flight_src"]]
@@ -276,15 +284,8 @@ class ModelRunner:
             input_ids, self._to_device(positions), [dummy_cache] * len(self.model.layers), meta
         )
         logits = self.model.compute_logits(hidden[self._to_device(query_start[1:] - 1)])
-        md = SamplingMetadata(
-            temperature=torch.ones(num_seqs, device=self.device),
-            all_greedy=False,
-            top_p=torch.full((num_seqs,), 0.9, device=self.device),
-            max_num_logprobs=5,
-        )
-        sample(logits, md)
-        # The fused temperature race (no top-k/p), the common sampling path, is its own kernel.
-        sample(logits, SamplingMetadata(temperature=md.temperature, all_greedy=False))
+        for inputs in profile_sampling_inputs(num_seqs, self.vocab_size):
+            sample(logits, inputs.metadata([self._to_device(a) for a in inputs.arrays], None))
 
     # ------------------------------------------------------------------ CUDA graphs
     def capture_cuda_graphs(self, max_num_batched_tokens: int) -> tuple[list[int], list[int]]:
@@ -303,113 +304,6 @@ class ModelRunner:
             self.model, self.kv_caches, piecewise_sizes(max_num_batched_tokens), self.device, dtype
         )
         return self.graphs.sizes, self.pieces.sizes
-
-    # ------------------------------------------------------------------ sampling inputs
-    def _sampling_arrays(self, rows: np.ndarray, states: list[RequestState]) -> SamplingArrays:
-        """The host side of the step's sampling inputs, gathered from the batch's per-row arrays.
-
-        Rows that need more than temperature (top-k/p, min-p, penalties, bias, min_tokens,
-        logprobs) take the general path, which reads their SamplingParams."""
-        batch = self.batch
-        temperature = batch.temperature[rows]
-        all_greedy = bool((temperature < 1e-5).all()) if len(rows) else True
-        if all_greedy:
-            host: list[np.ndarray] = [temperature]
-        else:
-            # Unseeded rows: a generator seeded like torch's, so every TP rank draws the same.
-            seeds = self._noise_rng.integers(0, 2**62, size=len(rows), dtype=np.int64)
-            seeded = batch.seeded[rows]
-            if seeded.any():
-                # Tokens still in flight count: the seed position must not depend on whether
-                # the previous step's tokens have reached the host yet.
-                outputs = batch.num_tokens[rows] + batch.num_pending[rows] - batch.num_prompt[rows]
-                seeds = np.where(seeded, batch.noise_seeds(rows, outputs), seeds)
-            host = [temperature, seeds]
-        general = bool(len(rows)) and bool(batch.special[rows].any() or batch.truncates[rows].any())
-        return SamplingArrays(host=host, all_greedy=all_greedy, states=states if general else None)
-
-    def _general_sampling(self, md: SamplingMetadata, states: list[RequestState]) -> None:
-        """Fill in top-k/p, min-p, seeds of the torch path, penalties, bias and logprobs."""
-        batch = self.batch
-        params = [s.sampling_params for s in states]
-        to_dev = self._to_device
-        if any(p.top_k > 0 for p in params):
-            md.top_k = to_dev(np.array([p.top_k for p in params], dtype=np.int64))
-        if any(p.top_p < 1.0 for p in params):
-            md.top_p = to_dev(np.array([p.top_p for p in params], dtype=np.float32))
-        if any(p.min_p > 0.0 for p in params):
-            md.min_p = to_dev(np.array([p.min_p for p in params], dtype=np.float32))
-        # Tokens still in flight count: the seed position and min_tokens must not depend on
-        # whether the previous step's tokens have reached the host yet.
-        num_outputs = [
-            int(batch.num_tokens[s.row] + batch.num_pending[s.row]) - s.num_prompt_tokens for s in states
-        ]
-        md.seeded_rows = [
-            (i, p.seed, num_outputs[i])
-            for i, p in enumerate(params)
-            if p.seed is not None and not p.is_greedy
-        ]
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-            self._penalty_inputs(md, states)
-        rows, tokens, values = [], [], []
-        for i, (state, p) in enumerate(zip(states, params)):
-            if p.logit_bias:
-                for token_id, bias in p.logit_bias.items():
-                    rows.append(i), tokens.append(token_id), values.append(bias)
-            if num_outputs[i] < p.min_tokens:
-                for token_id in state.min_tokens_blocked:
-                    rows.append(i), tokens.append(token_id), values.append(float("-inf"))
-        if rows:
-            md.bias_rows = to_dev(np.array(rows, dtype=np.int64))
-            md.bias_tokens = to_dev(np.array(tokens, dtype=np.int64))
-            md.bias_values = to_dev(np.array(values, dtype=np.float32))
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        md.max_num_logprobs = max(wanted) if wanted else None
-
-    def _penalty_inputs(self, md: SamplingMetadata, states: list[RequestState]) -> None:
-        params = [s.sampling_params for s in states]
-        md.presence_penalty = self._to_device(
-            np.array([p.presence_penalty for p in params], dtype=np.float32)
-        )
-        md.frequency_penalty = self._to_device(
-            np.array([p.frequency_penalty for p in params], dtype=np.float32)
-        )
-        md.repetition_penalty = self._to_device(
-            np.array([p.repetition_penalty for p in params], dtype=np.float32)
-        )
-        prompts = [self.batch.prompt_token_ids(s) for s in states]
-        # The token being sampled now is not yet in the batch; outputs are everything after the prompt.
-        outputs = [self.batch.output_token_ids(s) for s in states]
-        md.prompt_token_ids = self._to_device(_pad_rows(prompts, self.vocab_size))
-        md.output_token_ids = self._to_device(_pad_rows(outputs, self.vocab_size))
-
-
-@dataclass(slots=True)
-class SamplingArrays:
-    """A step's sampling inputs on the host (uploaded with the step's other inputs)."""
-
-    host: list[np.ndarray]  # temperature, then the noise seeds unless every row is greedy
-    all_greedy: bool
-    states: list[RequestState] | None  # set when some row needs the general path
-
-    def metadata(self, uploaded: list[torch.Tensor], runner: ModelRunner) -> SamplingMetadata:
-        md = SamplingMetadata(temperature=uploaded[0], all_greedy=self.all_greedy)
-        if not self.all_greedy:
-            md.seeds = uploaded[1]
-        if self.states is not None:
-            runner._general_sampling(md, self.states)
-        return md
-
-
-def _pad_rows(seqs: list[np.ndarray], fill: int) -> np.ndarray:
-    out = np.full((len(seqs), max(1, max(len(s) for s in seqs))), fill, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
-
-
-def _needs_history(params) -> bool:
-    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
 
 
 class PendingStep:

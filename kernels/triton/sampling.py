@@ -12,7 +12,11 @@ by the caller; unseeded rows get seeds from the device's default generator.
 
 Grid ``(rows, chunks)``: each program reduces ``BLOCK`` tokens of one row to (best score, token);
 a second small kernel picks the best chunk per row (ties go to the lowest token id, as
-``torch.argmax``).
+``torch.argmax``). With ``rows`` given, program row ``i`` samples logits row ``rows[i]``: the sampler
+races the rows it left unprocessed straight from the model's logits, without a gathered copy.
+
+``apply_token_bitmask`` sets to -inf, in place, the tokens whose bit is clear in a packed int32
+bitmask (structured outputs), for the rows it names only.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def _race_scores(row_ptr, tokens, u, vocab, inv_t, greedy):
 @triton.jit
 def _race_chunk_kernel(
     logits_ptr,
+    rows_ptr,  # int64 [programs] logits rows, read when HAS_ROWS
     temperature_ptr,
     seeds_ptr,
     best_score_ptr,  # fp32 [rows, chunks]
@@ -52,9 +57,14 @@ def _race_chunk_kernel(
     num_chunks,
     GREEDY_EPS: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    program_row = tl.program_id(0)
     chunk = tl.program_id(1)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + program_row)
+    else:
+        row = program_row
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     temperature = tl.load(temperature_ptr + row)
     seed = tl.load(seeds_ptr + row)
@@ -62,16 +72,15 @@ def _race_chunk_kernel(
     inv_t = 1.4426950408889634 / tl.where(greedy, 1.0, temperature)
     # One Philox call yields four uniforms: counter c feeds tokens c, c + Q, c + 2Q, c + 3Q of the
     # chunk (a quarter of the generator's work of one call per token; the RNG, not the memory,
-    # bounded this kernel).
+    # bounds this kernel).
     QUARTER: tl.constexpr = BLOCK // 4
     lanes = tl.arange(0, QUARTER)
     u0, u1, u2, u3 = tl.rand4x(seed, chunk * QUARTER + lanes)
     base = chunk * BLOCK + lanes
     # The four sub-blocks are merged lane by lane first, so the program reduces across its threads
     # once (a max and a min) instead of once per sub-block, each a round of shared memory and
-    # barriers: 132.8 -> 122.5 us at batch 256, vocab 128,256 on the H200 (profile_step); the
-    # Philox calls still bound it. A later sub-block holds the higher token of a lane, so it wins
-    # only when strictly better (ties stay with the lowest).
+    # barriers. A later sub-block holds the higher token of a lane, so it wins only when strictly
+    # better (ties stay with the lowest).
     best = _race_scores(row_ptr, base, u0, vocab, inv_t, greedy)
     token = base
     score = _race_scores(row_ptr, base + QUARTER, u1, vocab, inv_t, greedy)
@@ -85,7 +94,7 @@ def _race_chunk_kernel(
     best = tl.maximum(best, score)
     chunk_best = tl.max(best, 0)
     chunk_token = tl.min(tl.where(best == chunk_best, token, vocab), 0)
-    out = row * num_chunks + chunk
+    out = program_row * num_chunks + chunk
     tl.store(best_score_ptr + out, chunk_best)
     tl.store(best_token_ptr + out, tl.minimum(chunk_token, vocab - 1))  # an all -inf chunk names a real token
 
@@ -103,26 +112,40 @@ def _race_reduce_kernel(best_score_ptr, best_token_ptr, out_ptr, num_chunks, CHU
     tl.store(out_ptr + row, winner.to(tl.int64))
 
 
-def sample_race(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def sample_race(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    scratch: bool = False,
+) -> torch.Tensor:
     """logits [B, V] (any float dtype, unit stride along V), temperature fp32 [B] (0 = greedy),
-    seeds int64 [B]; returns int64 [B] token ids."""
-    rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows == 0:
+    seeds int64 [B], rows int64 [R] or None (every row); returns int64 token ids, [R] or [B].
+    The kernel never writes the logits (``scratch`` lets the reference do so)."""
+    vocab = logits.shape[1]
+    num_rows = logits.shape[0] if rows is None else rows.shape[0]
+    # Zeros, not empty: inside parallel_compile the kernels do not run, and warm-up passes still
+    # read the tokens as indices (logprobs).
+    out = torch.zeros(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0:
         return out
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    # The per-row vectors are read at a row's index: unit stride (a no-op when they have it).
+    temperature, seeds = temperature.contiguous(), seeds.contiguous()
+    rows = None if rows is None else rows.contiguous()
     block = max(64, min(_BLOCK, triton.next_power_of_2(vocab)))
     chunks = triton.cdiv(vocab, block)
-    best_score = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
-    best_token = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
-    launch(_race_chunk_kernel, (rows, chunks),
-        logits, temperature, seeds, best_score, best_token, logits.stride(0), vocab, chunks,
-        GREEDY_EPS=_GREEDY_EPS, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+    best_score = torch.empty((num_rows, chunks), dtype=torch.float32, device=logits.device)
+    best_token = torch.empty((num_rows, chunks), dtype=torch.int32, device=logits.device)
+    launch(_race_chunk_kernel, (num_rows, chunks),
+        logits, out if rows is None else rows, temperature, seeds, best_score, best_token,
+        logits.stride(0), vocab, chunks,
+        GREEDY_EPS=_GREEDY_EPS, BLOCK=block, HAS_ROWS=rows is not None, num_warps=8 if block >= 4096 else 4,
     )  # fmt: skip
     launch(
         _race_reduce_kernel,
-        (rows,),
+        (num_rows,),
         best_score,
         best_token,
         out,
@@ -131,3 +154,30 @@ def sample_race(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Te
         num_warps=1,
     )
     return out
+
+
+_MASK_BLOCK = 1024
+
+
+@triton.jit
+def _bitmask_kernel(logits_ptr, bitmask_ptr, rows_ptr, stride_row, stride_mask, vocab, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    tokens = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = tokens < vocab
+    row = tl.load(rows_ptr + i)
+    words = tl.load(bitmask_ptr + i * stride_mask + tokens // 32, mask=valid, other=-1)
+    blocked = valid & (((words >> (tokens % 32)) & 1) == 0)
+    tl.store(logits_ptr + row * stride_row + tokens, float("-inf"), mask=blocked)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """logits [B, V] (unit stride along V), modified in place; bitmask int32 [R, W], bit j of word
+    w allows token 32 w + j; rows int64 [R], the logits row of each bitmask row."""
+    num_rows, vocab = rows.shape[0], logits.shape[1]
+    if num_rows == 0:
+        return
+    assert logits.stride(1) == 1 and bitmask.stride(1) == 1
+    rows = rows.contiguous()
+    launch(_bitmask_kernel, (num_rows, triton.cdiv(vocab, _MASK_BLOCK)),
+        logits, bitmask, rows, logits.stride(0), bitmask.stride(0), vocab, BLOCK=_MASK_BLOCK, num_warps=4,
+    )  # fmt: skip

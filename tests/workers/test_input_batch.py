@@ -9,7 +9,7 @@ import pytest
 from ipc.messages import NewRequestData
 from ipc.sampling_params import SamplingParams
 from workers.input_batch import InputBatch
-from workers.sampler import _seeded_key
+from workers.sampling import seeded_key as _seeded_key
 
 
 def _add(batch: InputBatch, req_id: str, params: SamplingParams, prompt_len: int = 5) -> int:
